@@ -1,0 +1,60 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    utils.set_seed(3)
+    states = utils.get_rng_states()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    path = tmp_path / "rng.pth"
+    utils.atomic_torch_save({"rng": states}, path)
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
+    utils.set_rng_states(torch.load(path, weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_atomic_save_keeps_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    utils.atomic_torch_save({"a": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        utils.atomic_torch_save({"a": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left behind
+
+
+def test_save_json_and_text(tmp_path):
+    utils.save_json({"b": 2, "a": [1, 2]}, tmp_path / "x.json")
+    assert (tmp_path / "x.json").read_text() == '{\n  "b": 2,\n  "a": [\n    1,\n    2\n  ]\n}\n'
+
+
+def test_ensure_writable_dir_rejects_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="--out"):
+        utils.ensure_writable_dir(f, flag="--out")
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert utils.init_distributed() is False
+    assert (utils.get_rank(), utils.get_world_size(), utils.is_main_process()) == (0, 1, True)
+    assert utils.all_gather_object({"x": 1}) == [{"x": 1}]
+
+
+def test_get_device():
+    assert utils.get_device("cpu") == torch.device("cpu")
+    assert utils.get_device(None).type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            utils.get_device("cuda")
