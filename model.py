@@ -1,0 +1,673 @@
+"""Embedding models for chest X-ray retrieval: one registry, one factory, one checkpoint format.
+
+Every model maps a normalised image batch (B, 3, S, S) to L2-normalised embeddings (B, D) and
+carries what is needed to rebuild and feed it:
+
+    model = build_model("hybrid_convnext_vit", embedding_dim=1024, pretrained=False)
+    transform = get_transform(model)             # the one eval transform for this model
+    ckpt = make_checkpoint(model, epoch=3)       # plain dict, loads with weights_only=True
+    model, ckpt = load_checkpoint("x_ckpt.pth")  # rebuilt from the file alone, strict
+
+Registry (`MODELS`):
+    convnextv2           timm ConvNeXtV2-B (384, in22k->in1k) -> MXA on the last stage -> GAP [-> Linear]
+    vit                  timm ViT-B/16 (384) CLS pre-logits [-> Linear]
+    hybrid_convnext_vit  the paper's model: ConvNeXtV2 -> MXA -> GAP (1024) || ViT CLS (768)
+                         -> concat -> Linear -> LayerNorm -> ReLU -> Linear(D, D)   (D = 1024)
+    resnet50, densenet121  classic baselines (timm implementations, plain GAP)
+    timm                 any timm model (--backbone NAME), pooled features, MXA on NCHW maps
+    conceptclip          frozen ConceptCLIP image tower (HF remote code) [-> trainable Linear]
+
+Scripts get the flags from `get_model_parser()` and the arguments from `model_args_from_cli(args)`;
+they never branch on the model name.
+"""
+import argparse
+import copy
+import warnings
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = "cxr-retrieval"
+CHECKPOINT_VERSION = 1
+
+DEFAULT_CONVNEXT = "convnextv2_base.fcmae_ft_in22k_in1k_384"
+DEFAULT_VIT = "vit_base_patch16_384"
+DEFAULT_CONCEPTCLIP = "JerrryNie/ConceptCLIP"
+HYBRID_DEFAULT_DIM = 1024
+
+# Every model argument with its default. All values are plain JSON types so they can be stored
+# in a checkpoint and in args.json. freeze_backbone=None means "the model's own default"
+# (False for the timm models, True for ConceptCLIP).
+DEFAULT_MODEL_ARGS = {
+    "embedding_dim": None,
+    "img_size": 384,
+    "pretrained": True,
+    "pretrained_weights": None,
+    "convnext_backbone": DEFAULT_CONVNEXT,
+    "vit_backbone": DEFAULT_VIT,
+    "convnext_weights": None,
+    "vit_weights": None,
+    "backbone": None,
+    "use_mxa": True,
+    "conceptclip_path": DEFAULT_CONCEPTCLIP,
+    "conceptclip_batch_size": 8,
+    "conceptclip_head": False,
+    "freeze_backbone": None,
+}
+
+# Which flag sets which argument, for error messages.
+_FLAG = {k: "--" + k.replace("_", "-") for k in DEFAULT_MODEL_ARGS}
+_FLAG.update(pretrained="--no-pretrained", use_mxa="--no-mxa")
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention blocks (CBAM-style "MXA": channel attention, then spatial attention)
+
+class ChannelAttention(nn.Module):
+    """Channel gate: sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))) * x, one shared bias-free MLP."""
+
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),  # 1x1 convs == Linear on (B, C, 1, 1)
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+
+    def forward(self, x):  # x: (B, C, H, W)
+        avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
+        mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
+        return x * torch.sigmoid(avg + mx)  # gate (B, C, 1, 1) broadcast over H, W
+
+
+class SpatialAttention(nn.Module):
+    """Spatial gate: sigmoid(conv([mean_c(x), max_c(x)])) * x, one conv from 2 maps to 1."""
+
+    def __init__(self, kernel_size=7):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpatialAttention kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x):  # x: (B, C, H, W)
+        desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(desc))  # gate (B, 1, H, W) broadcast over C
+
+
+class MXA(nn.Module):
+    """Mixed attention: channel attention followed by spatial attention."""
+
+    def __init__(self, channels, reduction=16, kernel_size=7):
+        super().__init__()
+        self.ca = ChannelAttention(channels, reduction)
+        self.sa = SpatialAttention(kernel_size)
+
+    def forward(self, x):
+        return self.sa(self.ca(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# timm backbones and local weight files
+
+def _weights_hint():
+    return ("Use --no-pretrained for random initialisation, or give a local weight file with "
+            "--pretrained-weights PATH (single-backbone models) or --convnext-weights PATH / "
+            "--vit-weights PATH (hybrid_convnext_vit).")
+
+
+def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretrained-weights"):
+    """A timm model without classifier (num_classes=0): forward_features + forward_head(pre_logits).
+
+    Weights: `weights` (local file) wins over `pretrained` (timm hub); otherwise random init.
+    img_size is passed only to models that take it (ViTs); conv nets are size-agnostic.
+    """
+    if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown timm model '{name}' (set by --backbone, --convnext-backbone or "
+                         "--vit-backbone); see timm.list_models()")
+    kwargs = {"num_classes": 0}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    use_hub = bool(pretrained) and weights is None
+    try:
+        try:
+            model = timm.create_model(name, pretrained=use_hub, **kwargs)
+        except TypeError as e:
+            # conv nets have no img_size argument; they accept any input size anyway
+            if "img_size" not in str(e):
+                raise
+            kwargs.pop("img_size")
+            model = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except RuntimeError as e:
+        if not use_hub or "Unknown model" in str(e):
+            raise
+        raise RuntimeError(f"could not load the pretrained timm weights of '{name}' ({e}). "
+                           + _weights_hint()) from e
+    except Exception as e:  # hub/offline errors come as OSError, HTTP or hub-specific errors
+        if not use_hub:
+            raise
+        raise RuntimeError(f"could not load the pretrained timm weights of '{name}' "
+                           f"({type(e).__name__}: {e}). " + _weights_hint()) from e
+    if weights is not None:
+        load_backbone_weights(model, weights, flag)
+    return model
+
+
+def _read_state_dict(path, flag):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: file not found. " + _weights_hint())
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{flag} {path}: cannot read the weight file ({type(e).__name__}: {e}). "
+                           "Give a .pth/.safetensors file holding the timm model's state dict.") from e
+    for key in ("state_dict", "model"):  # common wrappers {"state_dict": sd} / {"model": sd}
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise RuntimeError(f"{flag} {path}: expected a state dict (name -> tensor) of the timm model, "
+                           f"got {type(sd).__name__}.")
+    return dict(sd)
+
+
+def load_backbone_weights(model, path, flag="--pretrained-weights"):
+    """Load a file holding the timm model's own state dict (classifier included) strictly.
+
+    The classifier the embedding model does not use is dropped, a ViT position embedding is
+    resampled to the model's grid; any other missing, unexpected or mis-shaped weight is an error.
+    """
+    sd = _read_state_dict(path, flag)
+    own = model.state_dict()
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    for k in list(sd):
+        if k not in own and any(k == h or k.startswith(h + ".") for h in heads):
+            del sd[k]
+    pos = sd.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        from timm.layers import resample_abs_pos_embed
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size,
+                                                 num_prefix_tokens=prefix)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{flag} {path} does not match timm model "
+                           f"'{model.pretrained_cfg.get('architecture', type(model).__name__)}': {e}\n"
+                           "Give the weights of the same architecture (see --convnext-backbone / "
+                           "--vit-backbone / --backbone), or use --no-pretrained.") from e
+
+
+def _timm_norm(backbone):
+    cfg = backbone.pretrained_cfg
+    return [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))], \
+           [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
+
+
+def _is_nchw_conv(backbone):
+    # timm models whose forward_features gives an NCHW map (conv nets). Token models (ViT) and
+    # NHWC models (Swin) have no map MXA could act on.
+    return getattr(backbone, "output_fmt", "NCHW") == "NCHW" and not hasattr(backbone, "patch_embed")
+
+
+def _pooled_width(backbone):
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+class EmbeddingModel(nn.Module):
+    """Shared behaviour: frozen backbones stay frozen (and in eval mode), grad checkpointing."""
+
+    model_name = None
+    ARG_NAMES = ()
+
+    def pretrained_modules(self):
+        return []
+
+    def _finish(self, model_args, freeze_backbone):
+        self.model_args = model_args
+        self.frozen = bool(freeze_backbone)
+        if self.frozen:
+            for m in self.pretrained_modules():
+                m.requires_grad_(False)
+            self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if getattr(self, "frozen", False):
+            # frozen weights also mean frozen BatchNorm statistics and no dropout noise
+            for m in self.pretrained_modules():
+                m.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable=True):
+        for m in self.pretrained_modules():
+            m.set_grad_checkpointing(enable)
+
+
+class TimmEmbedding(EmbeddingModel):
+    """One timm backbone: features -> [MXA on NCHW maps] -> timm's pre-logits pooling -> [Linear]."""
+
+    model_name = "timm"
+    ARG_NAMES = ("backbone", "embedding_dim", "img_size", "pretrained", "pretrained_weights",
+                 "use_mxa", "freeze_backbone")
+
+    def __init__(self, backbone, embedding_dim=None, img_size=384, pretrained=True,
+                 pretrained_weights=None, use_mxa=True, freeze_backbone=None):
+        super().__init__()
+        if not backbone:
+            raise ValueError(f"model '{self.model_name}' needs a timm model name: --backbone NAME "
+                             "(e.g. --backbone convnextv2_atto)")
+        self.backbone = create_backbone(backbone, pretrained, pretrained_weights, img_size)
+        use_mxa = bool(use_mxa) and _is_nchw_conv(self.backbone)  # stored as what is applied
+        self.mxa = MXA(self.backbone.num_features) if use_mxa else None
+        width = _pooled_width(self.backbone)
+        self.proj = nn.Linear(width, embedding_dim) if embedding_dim else None
+        self.embedding_dim = embedding_dim or width
+        mean, std = _timm_norm(self.backbone)
+        self.data_config = {"img_size": img_size, "mean": mean, "std": std, "resize_mode": "crop"}
+        self._finish({"backbone": backbone, "embedding_dim": embedding_dim, "img_size": img_size,
+                      "pretrained": bool(pretrained), "pretrained_weights": pretrained_weights,
+                      "use_mxa": use_mxa, "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
+
+    def pretrained_modules(self):
+        return [self.backbone]
+
+    def features(self, x):
+        f = self.backbone.forward_features(x)  # (B, C, H, W) conv nets, (B, N, C) ViTs
+        if self.mxa is not None:
+            f = self.mxa(f)
+        return self.backbone.forward_head(f, pre_logits=True)  # GAP (+ head norm) / CLS token
+
+    def forward(self, x):
+        z = self.features(x)
+        if self.proj is not None:
+            z = self.proj(z)
+        return F.normalize(z, dim=1)
+
+
+class ConvNeXtV2Embedding(TimmEmbedding):
+    model_name = "convnextv2"
+    ARG_NAMES = ("convnext_backbone", "embedding_dim", "img_size", "pretrained",
+                 "pretrained_weights", "use_mxa", "freeze_backbone")
+
+    def __init__(self, convnext_backbone=DEFAULT_CONVNEXT, use_mxa=True, **kw):
+        super().__init__(convnext_backbone, use_mxa=use_mxa, **kw)
+        self.model_args = {"convnext_backbone": self.model_args.pop("backbone"), **self.model_args}
+
+
+class ViTEmbedding(TimmEmbedding):
+    model_name = "vit"
+    ARG_NAMES = ("vit_backbone", "embedding_dim", "img_size", "pretrained", "pretrained_weights",
+                 "freeze_backbone")
+
+    def __init__(self, vit_backbone=DEFAULT_VIT, **kw):
+        super().__init__(vit_backbone, use_mxa=False, **kw)
+        self.model_args.pop("use_mxa")
+        self.model_args = {"vit_backbone": self.model_args.pop("backbone"), **self.model_args}
+
+
+class _FixedBackbone(TimmEmbedding):
+    """Classic baselines: a fixed timm architecture, plain GAP, no attention block."""
+    ARG_NAMES = ("embedding_dim", "img_size", "pretrained", "pretrained_weights", "freeze_backbone")
+    TIMM_NAME = None
+
+    def __init__(self, **kw):
+        super().__init__(self.TIMM_NAME, use_mxa=False, **kw)
+        for k in ("backbone", "use_mxa"):
+            self.model_args.pop(k)
+
+
+class ResNet50Embedding(_FixedBackbone):
+    model_name = "resnet50"
+    TIMM_NAME = "resnet50"
+
+
+class DenseNet121Embedding(_FixedBackbone):
+    model_name = "densenet121"
+    TIMM_NAME = "densenet121"
+
+
+class HybridConvNeXtViT(EmbeddingModel):
+    """The paper's hybrid: ConvNeXtV2 last stage -> MXA -> GAP  ||  ViT CLS token,
+    concat -> Linear -> LayerNorm -> ReLU -> Linear(D, D) -> L2 normalise."""
+
+    model_name = "hybrid_convnext_vit"
+    ARG_NAMES = ("embedding_dim", "img_size", "pretrained", "convnext_backbone", "vit_backbone",
+                 "convnext_weights", "vit_weights", "use_mxa", "freeze_backbone")
+
+    def __init__(self, embedding_dim=HYBRID_DEFAULT_DIM, img_size=384, pretrained=True,
+                 convnext_backbone=DEFAULT_CONVNEXT, vit_backbone=DEFAULT_VIT,
+                 convnext_weights=None, vit_weights=None, use_mxa=True, freeze_backbone=None):
+        super().__init__()
+        embedding_dim = embedding_dim or HYBRID_DEFAULT_DIM
+        self.convnext = create_backbone(convnext_backbone, pretrained, convnext_weights,
+                                        flag="--convnext-weights")
+        self.vit = create_backbone(vit_backbone, pretrained, vit_weights, img_size,
+                                   flag="--vit-weights")
+        if not _is_nchw_conv(self.convnext):
+            raise ValueError(f"--convnext-backbone {convnext_backbone} does not give an NCHW feature "
+                             "map; the hybrid's first branch must be a conv net (e.g. convnextv2_atto)")
+        self.mxa = MXA(self.convnext.num_features) if use_mxa else None
+        self.conv_dim = _pooled_width(self.convnext)  # 1024 for ConvNeXtV2-B
+        self.vit_dim = _pooled_width(self.vit)        # 768 for ViT-B
+        self.fusion = nn.Sequential(
+            nn.Linear(self.conv_dim + self.vit_dim, embedding_dim),
+            nn.LayerNorm(embedding_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(embedding_dim, embedding_dim),
+        )
+        self.embedding_dim = embedding_dim
+        # The input is normalised for the ConvNeXt branch; the ViT may have been pretrained with
+        # another mean/std (ImageNet vs 0.5), so its branch re-normalises: x_vit = x * a + b.
+        c_mean, c_std = _timm_norm(self.convnext)
+        v_mean, v_std = _timm_norm(self.vit)
+        cm, cs, vm, vs = (torch.tensor(v).view(1, 3, 1, 1) for v in (c_mean, c_std, v_mean, v_std))
+        self.register_buffer("vit_scale", cs / vs, persistent=False)
+        self.register_buffer("vit_shift", (cm - vm) / vs, persistent=False)
+        self.data_config = {"img_size": img_size, "mean": c_mean, "std": c_std, "resize_mode": "crop"}
+        self._finish({"embedding_dim": embedding_dim, "img_size": img_size,
+                      "pretrained": bool(pretrained), "convnext_backbone": convnext_backbone,
+                      "vit_backbone": vit_backbone, "convnext_weights": convnext_weights,
+                      "vit_weights": vit_weights, "use_mxa": bool(use_mxa),
+                      "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
+
+    def pretrained_modules(self):
+        return [self.convnext, self.vit]
+
+    def forward(self, x):
+        c = self.convnext.forward_features(x)                 # (B, Cc, h, w)
+        if self.mxa is not None:
+            c = self.mxa(c)
+        c = self.convnext.forward_head(c, pre_logits=True)    # (B, Cc) GAP + head norm
+        xv = x * self.vit_scale + self.vit_shift
+        v = self.vit.forward_head(self.vit.forward_features(xv), pre_logits=True)  # (B, Cv) CLS
+        return F.normalize(self.fusion(torch.cat([c, v], dim=1)), dim=1)
+
+
+class ConceptCLIPEmbedding(EmbeddingModel):
+    """Image tower of ConceptCLIP (HF remote code), frozen by default, optional trainable Linear.
+
+    Encoding: `encode_image(pixel_values)` of the remote model (tuple -> first item = pooled image
+    features), else `model(pixel_values=...)["image_features"]`. Preprocessing comes from its
+    processor: squash resize to the processor's size and its own mean/std (0.5 for SigLIP).
+    """
+
+    model_name = "conceptclip"
+    ARG_NAMES = ("conceptclip_path", "conceptclip_batch_size", "conceptclip_head", "embedding_dim",
+                 "pretrained", "freeze_backbone")
+
+    def __init__(self, conceptclip_path=DEFAULT_CONCEPTCLIP, conceptclip_batch_size=8,
+                 conceptclip_head=False, embedding_dim=None, pretrained=True, freeze_backbone=None):
+        super().__init__()
+        if int(conceptclip_batch_size) < 1:
+            raise ValueError(f"--conceptclip-batch-size must be >= 1, got {conceptclip_batch_size}")
+        if embedding_dim and not conceptclip_head:
+            raise ValueError("--embedding-dim with --model conceptclip needs --conceptclip-head "
+                             "(a trainable projection); without it the native width is used")
+        freeze_backbone = True if freeze_backbone is None else bool(freeze_backbone)
+        self.clip, processor = _load_conceptclip(conceptclip_path, pretrained)
+        self.data_config = _processor_data_config(processor, conceptclip_path)
+        self.micro_batch = int(conceptclip_batch_size)
+        # width of the image features: one dummy image through the tower (configs of remote code
+        # name it differently), done once here so the head exists before any optimizer sees it.
+        s = self.data_config["img_size"]
+        was_training = self.clip.training
+        self.clip.eval()
+        with torch.no_grad():
+            width = self._encode(torch.zeros(1, 3, s, s)).shape[1]
+        self.clip.train(was_training)
+        self.head = nn.Linear(width, embedding_dim or width) if conceptclip_head else None
+        self.embedding_dim = (embedding_dim or width) if conceptclip_head else width
+        self._finish({"conceptclip_path": str(conceptclip_path),
+                      "conceptclip_batch_size": self.micro_batch,
+                      "conceptclip_head": bool(conceptclip_head), "embedding_dim": embedding_dim,
+                      "pretrained": bool(pretrained), "freeze_backbone": freeze_backbone},
+                     freeze_backbone)
+
+    def pretrained_modules(self):
+        return [self.clip]
+
+    def set_grad_checkpointing(self, enable=True):
+        if self.frozen:
+            return  # no backward through the tower, nothing to checkpoint
+        if not getattr(self.clip, "supports_gradient_checkpointing", False):
+            raise ValueError("--grad-checkpointing: the ConceptCLIP remote code does not support "
+                             "gradient checkpointing; drop the flag or freeze the backbone")
+        if enable:
+            self.clip.gradient_checkpointing_enable()
+        else:
+            self.clip.gradient_checkpointing_disable()
+
+    def _encode(self, x):
+        if hasattr(self.clip, "encode_image"):
+            out = self.clip.encode_image(x)
+        else:
+            out = self.clip(pixel_values=x)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["image_features"]
+        elif isinstance(out, (tuple, list)):
+            out = out[0]  # (pooled features, token features)
+        return out.float()
+
+    def forward(self, x):
+        # micro-batches bound the memory of the 400M-parameter tower; frozen -> no graph kept
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            z = torch.cat([self._encode(chunk) for chunk in x.split(self.micro_batch)])
+        if self.head is not None:
+            z = self.head(z)
+        return F.normalize(z, dim=1)
+
+
+def _load_conceptclip(path, pretrained):
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+    hint = ("Give a local copy of the model with --conceptclip-path DIR (a folder holding its "
+            "config.json, remote code and weights, e.g. from `huggingface-cli download "
+            f"{DEFAULT_CONCEPTCLIP} --local-dir DIR`), or run once with network access to fill "
+            "the Hugging Face cache.")
+    try:
+        if pretrained:
+            model = AutoModel.from_pretrained(str(path), trust_remote_code=True)
+        else:  # checkpoint reload: architecture only, the weights come from the checkpoint
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+            model = AutoModel.from_config(config, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+    except (OSError, ValueError, ImportError) as e:
+        raise RuntimeError(f"could not load ConceptCLIP from '{path}' ({type(e).__name__}: {e}). "
+                           + hint) from e
+    return model, processor
+
+
+def _processor_data_config(processor, path):
+    ip = getattr(processor, "image_processor", processor)
+    size = getattr(ip, "size", None)
+    if isinstance(size, dict) and "height" in size and "width" in size:
+        if size["height"] != size["width"]:
+            raise ValueError(f"ConceptCLIP processor at '{path}' resizes to a non-square "
+                             f"{size}; only square sizes are supported")
+        side = int(size["height"])
+    elif isinstance(size, int):
+        side = size
+    else:
+        raise ValueError(f"ConceptCLIP processor at '{path}' has size={size!r}; expected "
+                         "{'height': S, 'width': S} (a squash resize)")
+    if getattr(ip, "do_rescale", True) and abs(getattr(ip, "rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
+        raise ValueError(f"ConceptCLIP processor at '{path}' rescales by {ip.rescale_factor}, "
+                         "not 1/255 as ToTensor does")
+    if getattr(ip, "do_normalize", True):
+        mean, std = list(ip.image_mean), list(ip.image_std)
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    return {"img_size": side, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "resize_mode": "squash"}
+
+
+MODELS = {
+    "convnextv2": ConvNeXtV2Embedding,
+    "vit": ViTEmbedding,
+    "hybrid_convnext_vit": HybridConvNeXtViT,
+    "resnet50": ResNet50Embedding,
+    "densenet121": DenseNet121Embedding,
+    "timm": TimmEmbedding,
+    "conceptclip": ConceptCLIPEmbedding,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Factory, transform, CLI
+
+def build_model(name, **model_args):
+    """Build a registered model. Arguments a model does not use are ignored (with a warning when
+    they differ from their default); unknown argument names are an error."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {sorted(MODELS)} (--model)")
+    unknown = sorted(set(model_args) - set(DEFAULT_MODEL_ARGS))
+    if unknown:
+        raise ValueError(f"unknown model arguments {unknown}; known: {sorted(DEFAULT_MODEL_ARGS)}")
+    cls = MODELS[name]
+    ignored = [_FLAG[k] for k, v in model_args.items()
+               if k not in cls.ARG_NAMES and v != DEFAULT_MODEL_ARGS[k] and v is not None]
+    if ignored:
+        warnings.warn(f"--model {name} ignores {', '.join(ignored)}", stacklevel=2)
+    kwargs = {k: model_args.get(k, DEFAULT_MODEL_ARGS[k]) for k in cls.ARG_NAMES}
+    if kwargs.get("embedding_dim") is not None and int(kwargs["embedding_dim"]) < 1:
+        raise ValueError(f"--embedding-dim must be >= 1, got {kwargs['embedding_dim']}")
+    return cls(**kwargs)
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)       # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)     # torch.compile
+
+
+def get_transform(model, train=False, rand_resize=False):
+    """The transform for `model` (its data_config), shared by training, testing and extraction."""
+    from dataset import build_transform
+    cfg = _unwrap(model).data_config
+    return build_transform(cfg["img_size"], cfg["mean"], cfg["std"], train=train,
+                           rand_resize=rand_resize, resize_mode=cfg["resize_mode"])
+
+
+def get_model_parser():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(MODELS))
+    g.add_argument("--embedding-dim", type=int, default=None,
+                   help="output width (default: native width; hybrid_convnext_vit: 1024)")
+    g.add_argument("--backbone", default=None, help="timm model name for --model timm")
+    g.add_argument("--convnext-backbone", default=DEFAULT_CONVNEXT,
+                   help="timm name of the ConvNeXt (convnextv2, hybrid), e.g. convnextv2_atto")
+    g.add_argument("--vit-backbone", default=DEFAULT_VIT,
+                   help="timm name of the ViT (vit, hybrid), e.g. vit_tiny_patch16_224")
+    g.add_argument("--no-mxa", dest="use_mxa", action="store_false",
+                   help="ablate the channel+spatial attention block")
+    g.add_argument("--img-size", type=int, default=384)
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="random initialisation (no download)")
+    g.add_argument("--pretrained-weights", default=None,
+                   help="local timm state dict (.pth/.safetensors) for single-backbone models")
+    g.add_argument("--convnext-weights", default=None, help="local ConvNeXt state dict (hybrid)")
+    g.add_argument("--vit-weights", default=None, help="local ViT state dict (hybrid)")
+    g.add_argument("--conceptclip-path", default=DEFAULT_CONCEPTCLIP,
+                   help="HF id or local folder of ConceptCLIP")
+    g.add_argument("--conceptclip-batch-size", type=int, default=8,
+                   help="micro-batch size through the ConceptCLIP tower")
+    g.add_argument("--conceptclip-head", action="store_true",
+                   help="add a trainable Linear after ConceptCLIP")
+    g.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None,
+                   help="freeze pretrained backbone weights (default: off; on for conceptclip)")
+    return p
+
+
+def model_args_from_cli(args):
+    """(model name, model_args dict) from parsed get_model_parser() flags."""
+    return args.model, {k: getattr(args, k) for k in DEFAULT_MODEL_ARGS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: the message says which file, why, and what to do."""
+
+
+_RESERVED = ("format", "format_version", "model_name", "model_args", "embedding_dim", "model")
+
+
+def make_checkpoint(model, **extra):
+    """A plain dict (tensors, numbers, strings) loadable with torch.load(weights_only=True)."""
+    model = _unwrap(model)
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"make_checkpoint: extra keys {clash} are reserved")
+    return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+            "model_name": model.model_name, "model_args": copy.deepcopy(model.model_args),
+            "embedding_dim": int(model.embedding_dim), "model": model.state_dict(), **extra}
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """torch.load a toolkit checkpoint (weights_only) and check its format; no model is built."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check the path (--resume)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): the file is truncated "
+                              "or not a torch file. Use another checkpoint (e.g. *_best_ckpt.pth) "
+                              "or retrain.") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            raise CheckpointError(f"{path} is a bare state dict, not a checkpoint of this toolkit; "
+                                  "backbone weights go to --pretrained-weights / --convnext-weights "
+                                  "/ --vit-weights")
+        raise CheckpointError(f"{path} is not a checkpoint of this toolkit (no format "
+                              f"'{CHECKPOINT_FORMAT}'); give a file written by train.py")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has format version {ckpt['format_version']}, newer than this "
+                              f"code ({CHECKPOINT_VERSION}); update the toolkit")
+    for key in ("model_name", "model_args", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} lacks '{key}'; the file is damaged")
+    return ckpt
+
+
+def load_checkpoint(path, map_location="cpu", expected_model=None, expected_embedding_dim=None):
+    """Rebuild the model from the checkpoint alone (pretrained=False: no download), load its
+    weights strictly, return (model in eval mode, checkpoint dict)."""
+    ckpt = read_checkpoint(path, map_location)
+    name, stored = ckpt["model_name"], ckpt["model_args"]
+    if expected_model is not None and name != expected_model:
+        raise CheckpointError(f"checkpoint {path} holds model '{name}', but --model {expected_model} "
+                              f"was asked for; use --model {name} or another checkpoint")
+    if name not in MODELS:
+        raise CheckpointError(f"checkpoint {path} holds unknown model '{name}'")
+    args = dict(stored, pretrained=False)
+    for k in ("pretrained_weights", "convnext_weights", "vit_weights"):
+        if k in args:
+            args[k] = None  # the checkpoint holds the weights; the original files need not exist
+    model = build_model(name, **args)
+    if expected_embedding_dim is not None and model.embedding_dim != expected_embedding_dim:
+        raise CheckpointError(f"checkpoint {path} gives {model.embedding_dim}-d embeddings, but "
+                              f"--embedding-dim {expected_embedding_dim} was asked for; drop the flag "
+                              "or use a matching checkpoint")
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match model '{name}' built from its "
+                              f"model_args: {e}") from e
+    model.model_args = copy.deepcopy(stored)  # keep provenance (pretrained source) when re-saved
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval(), ckpt
