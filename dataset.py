@@ -213,18 +213,26 @@ def load_image(path):
 # transforms
 
 
-def build_transform(img_size, mean, std, train=False, rand_resize=False, resize_mode="crop"):
-    """The one transform pipeline. crop: resize shorter side to 1.125 x size, then crop; squash: resize to size x size."""
+def build_transform(img_size, mean, std, train=False, rand_resize=False, resize_mode="crop",
+                    interpolation="bilinear"):
+    """The one transform pipeline. crop: resize shorter side to 1.125 x size, then crop; squash: resize to size x size.
+
+    `interpolation` ("bilinear" or "bicubic") is the resize filter: ConceptCLIP's processor uses bicubic.
+    """
     img_size = int(img_size)
+    modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
+    interp = modes[interpolation]
     if resize_mode == "crop":
-        steps = [transforms.Resize(int(1.125 * img_size))]
+        steps = [transforms.Resize(int(1.125 * img_size), interpolation=interp)]
         if train:
             steps.append(transforms.RandomResizedCrop(img_size) if rand_resize else transforms.CenterCrop(img_size))
             steps.append(transforms.RandomHorizontalFlip())
         else:
             steps.append(transforms.CenterCrop(img_size))
     elif resize_mode == "squash":
-        steps = [transforms.Resize((img_size, img_size))]
+        steps = [transforms.Resize((img_size, img_size), interpolation=interp)]
         if train:
             steps.append(transforms.RandomHorizontalFlip())
     else:

@@ -508,8 +508,13 @@ def _processor_data_config(processor, path):
         mean, std = list(ip.image_mean), list(ip.image_std)
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    # transformers' PILImageResampling: 2 = BILINEAR, 3 = BICUBIC (SigLIP processors use bicubic).
+    resample = int(getattr(ip, "resample", 3))
+    if resample not in (2, 3):
+        raise ValueError(f"ConceptCLIP processor at '{path}' resamples with PIL filter {resample}; "
+                         "only bilinear (2) and bicubic (3) are supported")
     return {"img_size": side, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-            "resize_mode": "squash"}
+            "resize_mode": "squash", "interpolation": "bicubic" if resample == 3 else "bilinear"}
 
 
 MODELS = {
@@ -555,7 +560,8 @@ def get_transform(model, train=False, rand_resize=False):
     from dataset import build_transform
     cfg = _unwrap(model).data_config
     return build_transform(cfg["img_size"], cfg["mean"], cfg["std"], train=train,
-                           rand_resize=rand_resize, resize_mode=cfg["resize_mode"])
+                           rand_resize=rand_resize, resize_mode=cfg["resize_mode"],
+                           interpolation=cfg.get("interpolation", "bilinear"))
 
 
 def get_model_parser():

@@ -122,7 +122,10 @@ def test_loads_pretrained_weights_frozen_by_default(standin):
 def test_data_config_is_the_processors_squash(standin):
     path, _ = standin
     m = build(path)
-    assert m.data_config == {"img_size": SIDE, "mean": MEAN, "std": STD, "resize_mode": "squash"}
+    assert m.data_config == {"img_size": SIDE, "mean": MEAN, "std": STD, "resize_mode": "squash",
+                             "interpolation": "bicubic"}  # the stand-in processor says resample=3
+    resize = M.get_transform(m).transforms[0]
+    assert tuple(resize.size) == (SIDE, SIDE) and resize.interpolation.value == "bicubic"
     # left half black, right half white, 2:1 wide: a squash keeps both halves, a crop would not
     img = Image.new("RGB", (120, 60), (0, 0, 0))
     img.paste((255, 255, 255), (60, 0, 120, 60))
