@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Backbone comparison in three steps: embeddings of model 1, embeddings of model 2, test_backbone.py.
+#
+# Demo (nothing configured; offline, a few minutes on a CPU): generates data/demo if absent, trains the tiny demo
+# model with `train.py --demo` if no demo checkpoint exists, and compares it with an untrained tiny ConvNeXtV2:
+#     bash run_backbone_comparison.sh
+#
+# Real data, the paper's pair (trained ConvNeXtV2 checkpoint against frozen ConceptCLIP):
+#     DATASET_DIR=/data/covidx TEST_LIST=/data/covidx/test_COVIDx4.txt \
+#     CONVNEXT_CKPT=checkpoints/covid_convnextv2_.../..._best_ckpt.pth CONCEPTCLIP_PATH=/models/ConceptCLIP \
+#     bash run_backbone_comparison.sh
+# Multi-GPU extraction: NPROC=4 (torchrun). CPU: DEVICE=cpu. Any two models: MODEL1_ARGS / MODEL2_ARGS hold the
+# extract_embeddings.py model flags (e.g. MODEL2_ARGS="--resume other_best_ckpt.pth").
+# Embeddings already in EMB_DIR are reused (set OVERWRITE=1 to extract again); the comparison is always redone.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# ----------------------------------------------------------------------------- settings (override from the environment)
+PYTHON=${PYTHON:-python}
+DATASET=${DATASET:-covid}                       # label map: covid, covidx-cxr2, generic
+DATASET_DIR=${DATASET_DIR:-}                    # empty -> demo data
+TEST_DATASET_DIR=${TEST_DATASET_DIR:-}          # default DATASET_DIR/test when it exists, else DATASET_DIR
+TEST_LIST=${TEST_LIST:-}
+CONVNEXT_CKPT=${CONVNEXT_CKPT:-}                # trained ConvNeXtV2 checkpoint (train.py --model convnextv2)
+CONCEPTCLIP_PATH=${CONCEPTCLIP_PATH:-JerrryNie/ConceptCLIP}   # HF id (needs the HF cache) or local folder
+MODEL1_NAME=${MODEL1_NAME:-}
+MODEL2_NAME=${MODEL2_NAME:-}
+MODEL1_ARGS=${MODEL1_ARGS:-}
+MODEL2_ARGS=${MODEL2_ARGS:-}
+OUT_DIR=${OUT_DIR:-results/backbone_comparison}
+EMB_DIR=${EMB_DIR:-$OUT_DIR/embeddings}
+BATCH_SIZE=${BATCH_SIZE:-32}
+CONCEPTCLIP_BATCH_SIZE=${CONCEPTCLIP_BATCH_SIZE:-8}
+WORKERS=${WORKERS:-4}
+DEVICE=${DEVICE:-}                              # empty -> cuda when available, else cpu
+NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --nproc_per_node=NPROC
+K=${K:-5}
+FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
+VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
+EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-0}
+SEED=${SEED:-0}
+OVERWRITE=${OVERWRITE:-0}
+# demo only
+DEMO_DIR=${DEMO_DIR:-data/demo}
+DEMO_CKPT=${DEMO_CKPT:-}                        # empty -> newest checkpoints/demo/*/*_best_ckpt.pth, else train one
+DEMO_EPOCHS=${DEMO_EPOCHS:-4}
+DEMO_SAVE_DIR=${DEMO_SAVE_DIR:-checkpoints/demo}
+
+# ----------------------------------------------------------------------------- the two models
+if [[ -z "$DATASET_DIR" ]]; then
+    echo "== no DATASET_DIR set: running the demo on $DEMO_DIR (set DATASET_DIR, TEST_LIST, CONVNEXT_CKPT for real data)"
+    if [[ ! -f "$DEMO_DIR/test_split.txt" ]]; then
+        "$PYTHON" data/make_demo_data.py --out "$DEMO_DIR"
+    fi
+    DATASET_DIR=$DEMO_DIR
+    TEST_LIST=${TEST_LIST:-$DEMO_DIR/test_split.txt}
+    if [[ -z "$MODEL1_ARGS" ]]; then
+        if [[ -z "$DEMO_CKPT" ]]; then
+            DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
+        fi
+        if [[ -z "$DEMO_CKPT" ]]; then
+            echo "== training the tiny demo model ($DEMO_EPOCHS epochs) into $DEMO_SAVE_DIR"
+            "$PYTHON" train.py --demo --dataset-dir "$DEMO_DIR" --epochs "$DEMO_EPOCHS" --save-dir "$DEMO_SAVE_DIR"
+            DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth | head -n 1)
+        fi
+        MODEL1_ARGS="--resume $DEMO_CKPT"
+        MODEL1_NAME=${MODEL1_NAME:-demo-trained}
+    fi
+    # Untrained: random weights, so the demo needs no download; the point is to see the workflow run.
+    MODEL2_ARGS=${MODEL2_ARGS:-"--model convnextv2 --convnext-backbone convnextv2_atto --no-pretrained --img-size 64"}
+    MODEL2_NAME=${MODEL2_NAME:-untrained-atto}
+else
+    if [[ -z "$TEST_LIST" ]]; then
+        echo "error: DATASET_DIR is set but TEST_LIST is not; give the test list file (e.g. \$DATASET_DIR/test_COVIDx4.txt)" >&2
+        exit 2
+    fi
+    if [[ -z "$MODEL1_ARGS" ]]; then
+        if [[ -z "$CONVNEXT_CKPT" ]]; then
+            echo "error: set CONVNEXT_CKPT to a trained ConvNeXtV2 checkpoint (train.py --model convnextv2 ...)" \
+                 "or MODEL1_ARGS to other extract_embeddings.py model flags" >&2
+            exit 2
+        fi
+        MODEL1_ARGS="--resume $CONVNEXT_CKPT"
+    fi
+    MODEL2_ARGS=${MODEL2_ARGS:-"--model conceptclip --conceptclip-path $CONCEPTCLIP_PATH"}
+    MODEL1_NAME=${MODEL1_NAME:-ConvNeXtV2}
+    MODEL2_NAME=${MODEL2_NAME:-ConceptCLIP}
+fi
+if [[ -n "$TEST_DATASET_DIR" ]]; then
+    IMAGE_DIR=$TEST_DATASET_DIR
+elif [[ -d "$DATASET_DIR/test" ]]; then
+    IMAGE_DIR=$DATASET_DIR/test
+else
+    IMAGE_DIR=$DATASET_DIR
+fi
+
+# ----------------------------------------------------------------------------- steps 1 and 2: embeddings
+mkdir -p "$EMB_DIR" "$OUT_DIR"
+if [[ "$NPROC" -gt 1 ]]; then
+    LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC")
+else
+    LAUNCH=("$PYTHON")
+fi
+COMMON=(--dataset "$DATASET" --dataset-dir "$DATASET_DIR" --test-image-list "$TEST_LIST" --batch-size "$BATCH_SIZE"
+        --conceptclip-batch-size "$CONCEPTCLIP_BATCH_SIZE" --workers "$WORKERS")
+[[ -n "$TEST_DATASET_DIR" ]] && COMMON+=(--test-dataset-dir "$TEST_DATASET_DIR")
+[[ -n "$DEVICE" ]] && COMMON+=(--device "$DEVICE")
+[[ "$OVERWRITE" == 1 ]] && COMMON+=(--overwrite)
+
+extract() {  # extract NAME "MODEL FLAGS"
+    local out="$EMB_DIR/$1.npy" flags
+    read -r -a flags <<< "$2"
+    if [[ -f "$out" && "$OVERWRITE" != 1 ]]; then
+        echo "== reusing $out (OVERWRITE=1 extracts again)"
+        return
+    fi
+    echo "== extracting $1: ${flags[*]}"
+    "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" --output "$out"
+}
+extract model1 "$MODEL1_ARGS"
+extract model2 "$MODEL2_ARGS"
+
+# ----------------------------------------------------------------------------- step 3: comparison
+read -r -a ALPHAS <<< "$FUSION_ALPHAS"
+CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
+     --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
+     --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
+     --seed "$SEED" --overwrite)
+[[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
+echo "== comparing $MODEL1_NAME and $MODEL2_NAME"
+"$PYTHON" test_backbone.py "${CMP[@]}"
+
+echo
+echo "Results: $OUT_DIR/backbone_comparison_results.json (summary), backbone_comparison_results.npz (per query),"
+echo "         $OUT_DIR/overlap_histogram.png, $OUT_DIR/query_*_comparison.png; embeddings in $EMB_DIR/"

@@ -1,0 +1,551 @@
+"""Compare two backbones from saved embeddings: do they retrieve differently enough that fusing them helps?
+
+Reads two embedding files of the same images in the same order (as written by extract_embeddings.py; the
+dimensions may differ) and reports, leave-one-out over all images (each image is a query against all others,
+self excluded by index; relevant = same label):
+  * per backbone: mAP@k, R@1 and mAP (definitions of metrics.py);
+  * overlap@k: how many of the two top-k lists are shared per query; mean, and the fraction of queries with
+    overlap <= floor(k/2); overlap_histogram.png;
+  * Spearman rho per query between the two similarity rows over all other images (self excluded; ties get
+    average ranks, as scipy.stats.spearmanr); mean and std;
+  * late fusion on cosine similarities: alpha * sim1 + (1 - alpha) * sim2 for each alpha, z-score fusion
+    (each similarity row standardised over the other images first, then the same alphas), reciprocal rank
+    fusion (score = 1/(60 + rank1) + 1/(60 + rank2), Cormack et al. 2009), and alpha chosen on a seeded
+    random half of the queries and evaluated on the other half (choosing alpha on the test queries
+    overstates the gain);
+  * query_{idx}_comparison.png for a low-, a medium- and a high-overlap query, then random ones.
+Writes backbone_comparison_results.{npz,json} in --save-dir and prints a summary table and one interpretation
+line (fusion looks beneficial when mean overlap < 0.6 k, rho < 0.6 and the best fusion beats both models; not
+beneficial when mean overlap > 0.8 k and rho > 0.8; for k = 5 these are the thresholds 3.0 and 4.0).
+
+Commands (CPU only; under a minute at N = 10,000 on 2 cores, see bench/bench_compare.py):
+  python test_backbone.py --model1-embeddings emb/convnext.npy --model2-embeddings emb/conceptclip.npy \
+      --model1-name ConvNeXtV2 --model2-name ConceptCLIP --image-dir data/COVIDx/test
+Labels, image ids and patient ids default to the files written beside the embeddings (X_labels.npy,
+X_image_ids.npy, X_patient_ids.npy); --labels/--image-ids/--patient-ids override them.
+With --exclude-same-patient, other images of the query's patient are also removed from the top-k lists, the
+metrics and the fusions; Spearman rho and the RRF ranks stay over all other images (rows of one length).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dataset
+import metrics
+from utils import ensure_writable_dir, print_args, save_json
+
+RRF_K = 60  # the constant of reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009)
+DEFAULT_CLASS_NAMES = dataset.class_names("covid")  # normal, pneumonia, COVID-19 for labels 0, 1, 2
+RESULT_FILES = ("backbone_comparison_results.npz", "backbone_comparison_results.json", "overlap_histogram.png")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Compare two backbones from saved embeddings", add_help=True)
+    p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
+                   help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
+    p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
+                   help="N x D2 .npy of model 2, same images in the same order (old name --conceptclip-embeddings)")
+    p.add_argument("--model1-name", default="ConvNeXtV2")
+    p.add_argument("--model2-name", default="ConceptCLIP")
+    p.add_argument("--labels", default=None, help="N int labels (.npy); default: X_labels.npy beside model 1")
+    p.add_argument("--image-ids", default=None, help="N image ids (.npy); default: X_image_ids.npy beside each file")
+    p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); default: X_patient_ids.npy beside model 1")
+    p.add_argument("--image-dir", default=None, help="folder of the images, for the query visualisations")
+    p.add_argument("--image-list", default=None,
+                   help="optional list file (patient_id filename label ...) mapping image ids to file names")
+    p.add_argument("--save-dir", default="./results/backbone_comparison")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--visualize-samples", type=int, default=5, help="number of query_{idx}_comparison.png (0: none)")
+    p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                   help="weights of model 1 in alpha * sim1 + (1 - alpha) * sim2")
+    p.add_argument("--class-names", nargs="+", default=None,
+                   help="names of labels 0, 1, ... (default: X_meta.json beside model 1, else normal pneumonia COVID-19)")
+    p.add_argument("--exclude-same-patient", action="store_true",
+                   help="also remove other images of the query's patient from the gallery")
+    p.add_argument("--seed", type=int, default=0, help="seeds the held-out split and the visualised queries")
+    p.add_argument("--chunk-size", type=int, default=512, help="query rows per block; memory grows with it, not N^2")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --save-dir")
+    return p
+
+
+# ----------------------------------------------------------------------------- loading and checks
+
+def _sibling(path, suffix):
+    path = Path(path)
+    return path.with_name(f"{path.stem}_{suffix}.npy")
+
+
+def _load(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{what} file {path} could not be read as a plain .npy array ({e})") from e
+
+
+def _normalise(emb, path):
+    """Return float32 unit rows; refuse non-finite or all-zero rows, naming the file and the counts."""
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings {path}: expected a 2-D N x D array, got shape {emb.shape}")
+    emb = emb.astype(np.float32, copy=False)
+    bad = ~np.isfinite(emb)
+    if bad.any():
+        raise ValueError(f"embeddings {path}: {int(bad.sum())} non-finite values in {int(bad.any(1).sum())} "
+                         f"of {len(emb)} rows (first row {int(np.flatnonzero(bad.any(1))[0])}); re-extract them")
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"embeddings {path}: {int((norms == 0).sum())} of {len(emb)} rows are all zero")
+    if np.abs(norms - 1).max() > 1e-3:
+        print(f"note: {path} rows are not unit length (norms {norms.min():.3g}..{norms.max():.3g}); re-normalised")
+    return np.ascontiguousarray(emb / norms)
+
+
+def load_inputs(args):
+    """Load and check everything before any work; return (e1, e2, labels, image_ids, patient_ids)."""
+    p1, p2 = Path(args.model1_embeddings), Path(args.model2_embeddings)
+    e1, e2 = _load(p1, "--model1-embeddings"), _load(p2, "--model2-embeddings")
+    if e1.ndim != 2 or e2.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D N x D arrays: {p1} has shape {e1.shape}, {p2} has shape {e2.shape}")
+    if len(e1) != len(e2):
+        raise ValueError(f"the embedding files hold different numbers of images: {p1} has {len(e1)} rows, "
+                         f"{p2} has {len(e2)} rows; extract both from the same image list")
+    n = len(e1)
+
+    label_path = Path(args.labels) if args.labels else _sibling(p1, "labels")
+    if not label_path.is_file():
+        raise ValueError(f"labels file {label_path} not found; pass --labels L.npy (N integer labels)")
+    labels = _load(label_path, "--labels")
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"labels file {label_path} holds {labels.size} labels (shape {labels.shape}) but the "
+                         f"embedding files {p1} and {p2} hold {n} rows")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels file {label_path}: expected integer labels, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    other_labels = _sibling(p2, "labels")
+    if other_labels.is_file() and other_labels != label_path:
+        l2 = _load(other_labels, "labels")
+        if l2.shape != labels.shape or (l2 != labels).any():
+            diff = n if l2.shape != labels.shape else int((l2 != labels).sum())
+            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {diff} of {n} positions")
+
+    # Every id file that exists must agree with every other, position by position.
+    id_files = [Path(args.image_ids)] if args.image_ids else []
+    id_files += [f for f in (_sibling(p1, "image_ids"), _sibling(p2, "image_ids")) if f.is_file() and f not in id_files]
+    image_ids = None
+    for f in id_files:
+        ids = _load(f, "image ids").astype(str)
+        if ids.ndim != 1 or len(ids) != n:
+            raise ValueError(f"image ids file {f} holds {ids.size} ids but the embedding files hold {n} rows")
+        if image_ids is None:
+            image_ids, first = ids, f
+        elif (ids != image_ids).any():
+            where = np.flatnonzero(ids != image_ids)
+            raise ValueError(f"image ids disagree: {first} and {f} differ at {len(where)} of {n} positions "
+                             f"(first at row {where[0]}: {image_ids[where[0]]!r} vs {ids[where[0]]!r}); "
+                             f"the two embedding files are not of the same images in the same order")
+    if image_ids is None:
+        image_ids = np.array([str(i) for i in range(n)])
+
+    patient_ids = None
+    pid_path = Path(args.patient_ids) if args.patient_ids else _sibling(p1, "patient_ids")
+    if pid_path.is_file():
+        patient_ids = _load(pid_path, "patient ids").astype(str)
+        if patient_ids.ndim != 1 or len(patient_ids) != n:
+            raise ValueError(f"patient ids file {pid_path} holds {patient_ids.size} ids but the embedding files "
+                             f"hold {n} rows")
+    elif args.patient_ids or args.exclude_same_patient:
+        raise ValueError(f"patient ids file {pid_path} not found; --exclude-same-patient needs --patient-ids P.npy")
+
+    e1, e2 = _normalise(e1, p1), _normalise(e2, p2)
+    return e1, e2, labels, image_ids, patient_ids
+
+
+def check_args(args, n, labels, patient_ids=None):
+    if args.k < 1 or args.k > n - 1:
+        raise ValueError(f"--k {args.k}: must be between 1 and N - 1 = {n - 1} (the gallery of every query)")
+    if args.exclude_same_patient:
+        cand, _ = metrics.candidate_counts(labels, query_groups=patient_ids, exclude_same_group=True)
+        if args.k > cand.min():
+            raise ValueError(f"--k {args.k} with --exclude-same-patient: query {int(np.argmin(cand))} has only "
+                             f"{int(cand.min())} images of other patients; use a smaller --k")
+    bad = [a for a in args.fusion_alphas if not 0.0 <= a <= 1.0]
+    if bad:
+        raise ValueError(f"--fusion-alphas {bad}: each alpha must lie in [0, 1]")
+    names = args.class_names
+    p1 = Path(args.model1_embeddings)
+    meta = p1.with_name(f"{p1.stem}_meta.json")
+    if names is None and meta.is_file():  # written by extract_embeddings.py: the list's own class names
+        names = json.loads(meta.read_text()).get("class_names")
+    names = names or DEFAULT_CLASS_NAMES
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise ValueError(f"labels range {labels.min()}..{labels.max()} but there are {len(names)} class names "
+                         f"({names}); pass --class-names with one name per label")
+    return names
+
+
+# ----------------------------------------------------------------------------- computation
+
+def descending_ranks(s):
+    """Ranks of each row of `s` (c, n), 1 = most similar; ties get their average rank (scipy's "average").
+
+    One argsort per row plus a few linear passes; about 4x faster than scipy.stats.rankdata(axis=1).
+    """
+    c, n = s.shape
+    order = np.argsort(-s, axis=1)
+    v = np.take_along_axis(s, order, axis=1)
+    tie = v[:, 1:] == v[:, :-1]
+    if not tie.any():
+        ranked = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), (c, n))
+    else:
+        # A run of equal values spans [start, end] in sorted position; each member gets (start + end)/2 + 1.
+        idx = np.arange(n)
+        edge = np.ones((c, 1), dtype=bool)
+        start = np.maximum.accumulate(np.where(np.concatenate([edge, ~tie], 1), idx, 0), axis=1)
+        end = np.where(np.concatenate([~tie, edge], 1), idx, n - 1)
+        end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]
+        ranked = (start + end) / 2.0 + 1.0
+    ranks = np.empty((c, n), dtype=np.float64)
+    np.put_along_axis(ranks, order, ranked, axis=1)
+    return ranks
+
+
+def rowwise_pearson(a, b):
+    """Pearson correlation of each row of a with the same row of b (float64); NaN for a constant row."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(1) / den
+
+
+def rrf_scores(rank1, rank2):
+    """Reciprocal rank fusion of two rank arrays (1 = best): 1/(RRF_K + rank1) + 1/(RRF_K + rank2)."""
+    return 1.0 / (RRF_K + rank1) + 1.0 / (RRF_K + rank2)
+
+
+def _fast_ranks(s):
+    """Descending ranks (1 = most similar) of each row of s (c, n) as int32, and which rows hold equal values.
+
+    Ordinal ranks from one argsort; they equal the average ranks wherever a row has no ties.
+    """
+    c, n = s.shape
+    ranks = np.empty((c, n), np.int32)
+    np.put_along_axis(ranks, np.argsort(s, axis=1), np.arange(n, 0, -1, dtype=np.int32)[None, :], axis=1)
+    v = np.sort(s, axis=1)  # values only: several times cheaper than the argsort
+    return ranks, (v[:, 1:] == v[:, :-1]).any(1)
+
+
+def _spearman_and_rrf(s1, s2, self_col):
+    """Per row: Spearman rho of s1 and s2 over all columns but self_col, and RRF scores (c, n) float32.
+
+    Self is set to -inf so it ranks last in both rows: the other n - 1 images get ranks 1..n-1, exactly their
+    ranks with self removed, and self adds d = 0 to sum d^2. Rows without ties use rho = 1 - 6 sum d^2 /
+    (m (m^2 - 1)), m = n - 1 (exact in integers); rows with ties get average ranks and the Pearson correlation
+    of the ranks, as scipy.stats.spearmanr.
+    """
+    c, n = s1.shape
+    ar = np.arange(c)
+    s1, s2 = s1.copy(), s2.copy()
+    s1[ar, self_col] = s2[ar, self_col] = -np.inf
+    (r1, t1), (r2, t2) = _fast_ranks(s1), _fast_ranks(s2)
+    d = (r1 - r2).astype(np.int64)
+    m = n - 1
+    rho = 1.0 - 6.0 * np.einsum("ij,ij->i", d, d) / (m * (m * m - 1.0))
+    f1, f2 = r1.astype(np.float32), r2.astype(np.float32)
+    tied = np.flatnonzero(t1 | t2)
+    if len(tied):
+        a1, a2 = descending_ranks(s1[tied]), descending_ranks(s2[tied])
+        f1[tied], f2[tied] = a1, a2
+        keep = np.ones((len(tied), n), bool)
+        keep[np.arange(len(tied)), self_col[tied]] = False
+        rho[tied] = rowwise_pearson(a1[keep].reshape(-1, m), a2[keep].reshape(-1, m))
+    return rho, rrf_scores(f1, f2)
+
+
+def zscore_rows(s, self_col):
+    """Standardise each row of s (c, n) over the other images (column self_col[i] left out of mean and std),
+    so that the two models' similarity scales become comparable. Row sums minus the self entry: no mask pass."""
+    n = s.shape[1]
+    diag = s[np.arange(len(s)), self_col].astype(np.float64)
+    mean = (s.sum(1, dtype=np.float64) - diag) / (n - 1)
+    var = (np.einsum("ij,ij->i", s, s, dtype=np.float64) - diag * diag) / (n - 1) - mean * mean
+    std = np.sqrt(np.maximum(var, 1e-24))
+    return (s - mean[:, None].astype(np.float32)) / std[:, None].astype(np.float32)
+
+
+def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=None, chunk_size=512,
+                       progress=True):
+    """All pairwise quantities, chunked over query rows so memory grows with chunk_size x N, never N x N.
+
+    e1 (N, D1), e2 (N, D2): float32 unit rows of the same images; labels (N,) int; patient_ids given ->
+    same-patient images are excluded from the retrieval lists too. Returns per-query arrays: top-k indices of
+    each model, AP@k / R@1 / full-ranking AP of each model, overlap@k, Spearman rho, and AP@k of every fusion
+    (linear and z-score per alpha, RRF). Top-k lists and AP come from metrics.py (its tie rule included).
+    """
+    n = len(labels)
+    t1, t2 = torch.from_numpy(np.ascontiguousarray(e1)), torch.from_numpy(np.ascontiguousarray(e2))
+    lab = np.asarray(labels, dtype=np.int64)
+    pid = None
+    if patient_ids is not None:
+        pid = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1].reshape(-1)
+    na = len(alphas)
+    out = {
+        "top1": np.empty((n, k), np.int64), "top2": np.empty((n, k), np.int64),
+        "ap1": np.empty(n), "ap2": np.empty(n), "r1_1": np.empty(n), "r1_2": np.empty(n),
+        "fullap1": np.empty(n), "fullap2": np.empty(n), "rho": np.empty(n),
+        "fusion": np.empty((na, n)), "zscore": np.empty((na, n)), "rrf": np.empty(n),
+    }
+    for r0 in tqdm(range(0, n, chunk_size), desc="comparing", unit="chunk", disable=not progress):
+        rows = np.arange(r0, min(n, r0 + chunk_size))
+        c, sl = len(rows), slice(r0, r0 + len(rows))
+        with torch.no_grad():
+            s1, s2 = (t1[rows] @ t1.T).numpy(), (t2[rows] @ t2.T).numpy()  # (c, n) cosine similarities
+        exclude = np.zeros((c, n), bool)
+        exclude[np.arange(c), rows] = True                                 # self, by index
+        if pid is not None:
+            exclude |= pid[rows][:, None] == pid[None, :]
+        relevant = lab[rows][:, None] == lab[None, :]
+
+        def topk_rel(sim):
+            idx = metrics.topk_from_similarity(sim, k, exclude_mask=exclude)
+            return idx, np.take_along_axis(relevant, idx, axis=1)
+
+        for key, sim in (("1", s1), ("2", s2)):
+            idx, rel = topk_rel(sim)
+            out["top" + key][sl] = idx
+            out["ap" + key][sl] = metrics.map_at_k(rel, k)
+            out["r1_" + key][sl] = metrics.recall_at_k(rel, 1)
+            out["fullap" + key][sl] = metrics.average_precision(sim, relevant, exclude_mask=exclude)
+        # Spearman and RRF ranks are over all other images (self excluded), whatever the patient exclusion.
+        out["rho"][sl], rrf = _spearman_and_rrf(s1, s2, rows)
+        out["rrf"][sl] = metrics.map_at_k(topk_rel(rrf)[1], k)
+        z1, z2 = zscore_rows(s1, rows), zscore_rows(s2, rows)
+        for a, alpha in enumerate(alphas):
+            out["fusion"][a, sl] = metrics.map_at_k(topk_rel(alpha * s1 + (1 - alpha) * s2)[1], k)
+            out["zscore"][a, sl] = metrics.map_at_k(topk_rel(alpha * z1 + (1 - alpha) * z2)[1], k)
+    top1, top2 = out["top1"], out["top2"]
+    out["overlap"] = (top1[:, :, None] == top2[:, None, :]).any(2).sum(1)
+    return out
+
+
+def heldout_alpha(fusion_aps, alphas, seed):
+    """Choose alpha on a seeded random half of the queries, report its mAP@k on the other half.
+
+    fusion_aps: (num_alphas, N) per-query AP@k. Ties between alphas go to the first in `alphas`.
+    Returns (alpha, map_on_eval_half, select_indices, eval_indices).
+    """
+    n = fusion_aps.shape[1]
+    perm = np.random.default_rng(seed).permutation(n)
+    select, evaluate = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    best = int(np.argmax(fusion_aps[:, select].mean(1)))
+    return float(alphas[best]), float(fusion_aps[best, evaluate].mean()), select, evaluate
+
+
+def interpret(mean_overlap, rho, best_fusion, map1, map2, k):
+    low, high = 0.6 * k, 0.8 * k
+    if mean_overlap < low and rho < 0.6 and best_fusion > max(map1, map2):
+        return (f"Fusion looks beneficial: the backbones retrieve different images (mean overlap@{k} "
+                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the best fusion ({best_fusion:.4f}) "
+                f"beats both models.")
+    if mean_overlap > high and rho > 0.8:
+        return (f"Fusion is not beneficial: the backbones retrieve nearly the same images (mean overlap@{k} "
+                f"{mean_overlap:.2f} > {high:g}, rho {rho:.2f} > 0.8).")
+    beats = "beats" if best_fusion > max(map1, map2) else "does not beat"
+    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the best fusion "
+            f"({best_fusion:.4f}) {beats} the better model ({max(map1, map2):.4f}); check the held-out alpha.")
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_overlap_histogram(overlaps, k, names, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = np.bincount(overlaps, minlength=k + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(np.arange(k + 1), counts / max(len(overlaps), 1), color="steelblue")
+    ax.axvline(overlaps.mean(), color="k", linestyle="--", label=f"mean {overlaps.mean():.2f}")
+    ax.set(xlabel=f"shared images in the two top-{k} lists", ylabel="fraction of queries", xticks=range(k + 1),
+           title=f"Top-{k} overlap: {names[0]} vs {names[1]} ({len(overlaps)} queries)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def choose_queries(overlaps, num, seed):
+    """A low-, a medium- and a high-overlap query (seeded among equals), then random distinct ones."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for target in (overlaps.min(), np.median(overlaps), overlaps.max()):
+        dist = np.abs(overlaps - target)
+        cands = [i for i in np.flatnonzero(dist == dist.min()) if i not in picks]
+        if cands and len(picks) < num:
+            picks.append(int(rng.choice(cands)))
+    rest = [i for i in rng.permutation(len(overlaps)) if i not in picks]
+    return picks + [int(i) for i in rest[: max(num - len(picks), 0)]]
+
+
+def _image_finder(image_dir, image_list):
+    """image id -> path or None: {id}.png/.jpg/.jpeg under image_dir, or the list's file name."""
+    names = {}
+    if image_list:
+        for line in Path(image_list).read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and not parts[0].startswith("#"):
+                names[Path(parts[1]).stem] = parts[1]
+
+    def find(image_id):
+        if image_dir is None:
+            return None
+        cands = [names[image_id]] if image_id in names else []
+        cands += [f"{image_id}{ext}" for ext in (".png", ".jpg", ".jpeg")]
+        for c in cands:
+            if (Path(image_dir) / c).is_file():
+                return Path(image_dir) / c
+        return None
+    return find
+
+
+def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, find, k, overlap, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(ax, i, title, colour):
+        p = find(str(image_ids[i]))
+        if p is not None:
+            try:
+                ax.imshow(dataset.load_image(p).convert("L"), cmap="gray")
+            except Exception as e:  # a broken file must not stop the report; say so in the panel
+                ax.text(0.5, 0.5, f"unreadable\n{p.name}\n{type(e).__name__}", ha="center", va="center", fontsize=7)
+        else:
+            ax.set_facecolor("0.85")
+            ax.text(0.5, 0.5, f"image not found\n{image_ids[i]}", ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes)
+        ax.set_title(title, color=colour, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_edgecolor(colour), s.set_linewidth(3)
+
+    fig, axes = plt.subplots(3, k, figsize=(2.2 * k, 7.2), squeeze=False)
+    for ax in axes[0, 1:]:
+        ax.axis("off")
+    show(axes[0, 0], q, f"query {q}: {class_names[labels[q]]}\n{image_ids[q]}", "black")
+    if k > 1:
+        axes[0, 1].text(0, 0.5, f"{overlap} of the two top-{k} lists shared\ngreen: same class as the query, red: not",
+                        fontsize=9, va="center", transform=axes[0, 1].transAxes)
+    for r, (emb, top, name) in enumerate(((e1, top1, names[0]), (e2, top2, names[1])), start=1):
+        sims = emb[top[q]] @ emb[q]
+        for j, g in enumerate(top[q]):
+            ok = labels[g] == labels[q]
+            show(axes[r, j], g, f"{name} #{j + 1}\n{class_names[labels[g]]} {sims[j]:.4f}", "green" if ok else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    print_args(args)
+    e1, e2, labels, image_ids, patient_ids = load_inputs(args)
+    n, k = len(labels), args.k
+    class_names = check_args(args, n, labels, patient_ids)
+    save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
+    existing = [str(save_dir / f) for f in RESULT_FILES if (save_dir / f).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--save-dir {save_dir} already holds results ({', '.join(existing)}); "
+                         f"choose another --save-dir or pass --overwrite")
+    names = (args.model1_name, args.model2_name)
+    alphas = [float(a) for a in args.fusion_alphas]
+    print(f"{n} queries, leave-one-out; {names[0]} D={e1.shape[1]}, {names[1]} D={e2.shape[1]}, k={k}"
+          + (", excluding same-patient images" if args.exclude_same_patient else ""))
+
+    t0 = time.time()
+    r = compare_embeddings(e1, e2, labels, k, alphas, patient_ids if args.exclude_same_patient else None,
+                           args.chunk_size)
+    map1, map2 = float(r["ap1"].mean()), float(r["ap2"].mean())
+    full1, full2 = float(np.nanmean(r["fullap1"])), float(np.nanmean(r["fullap2"]))
+    no_rel = int(np.isnan(r["fullap1"]).sum())
+    rho = r["rho"]
+    if np.isnan(rho).any():
+        print(f"note: {int(np.isnan(rho).sum())} queries have a constant similarity row; rho is undefined there "
+              f"and left out of the mean")
+    mean_rho, std_rho = float(np.nanmean(rho)), float(np.nanstd(rho))
+    overlaps = r["overlap"]
+    mean_overlap = float(overlaps.mean())
+    pct_low = float((overlaps <= k // 2).mean())
+    fusion_maps = r["fusion"].mean(1)
+    zscore_maps = r["zscore"].mean(1)
+    rrf_map = float(r["rrf"].mean())
+    h_alpha, h_map, _, evaluate = heldout_alpha(r["fusion"], alphas, args.seed)
+    print(f"computed in {time.time() - t0:.1f} s")
+
+    key = f"mAP@{k}"
+    ov = f"Mean Overlap@{k}"
+    print(f"\n{names[0]}: R@1 {r['r1_1'].mean():.4f}  mAP {full1:.4f}    "
+          f"{names[1]}: R@1 {r['r1_2'].mean():.4f}  mAP {full2:.4f}"
+          + (f"  ({no_rel} queries without any relevant image left out of mAP)" if no_rel else ""))
+    rows = [(names[0], map1, f"{mean_overlap:.2f}", f"{mean_rho:.3f}"),
+            (names[1], map2, f"{mean_overlap:.2f}", f"{mean_rho:.3f}")]
+    rows += [(f"Fusion alpha={a:g}", m, "-", "-") for a, m in zip(alphas, fusion_maps)]
+    rows += [(f"Z-score fusion alpha={a:g}", m, "-", "-") for a, m in zip(alphas, zscore_maps)]
+    rows += [(f"RRF (k={RRF_K})", rrf_map, "-", "-"),
+             (f"Held-out alpha={h_alpha:g}", h_map, "-", "-")]
+    w = max(len(x[0]) for x in rows) + 2
+    print(f"{'Model':<{w}}| {key:>8} | {ov:>16} | {'Spearman rho':>12}")
+    print("-" * (w + 44))
+    for name, m, o, s in rows:
+        print(f"{name:<{w}}| {m:>8.4f} | {o:>16} | {s:>12}")
+    print(f"(held-out: alpha chosen on {n - len(evaluate)} queries, mAP@{k} on the other {len(evaluate)}; there "
+          f"{names[0]} {r['ap1'][evaluate].mean():.4f}, {names[1]} {r['ap2'][evaluate].mean():.4f})")
+    print(f"{100 * pct_low:.1f}% of queries share <= {k // 2} of their top-{k}; rho std {std_rho:.3f}")
+    best_fusion = float(max(fusion_maps.max(), zscore_maps.max(), rrf_map))
+    print(interpret(mean_overlap, mean_rho, best_fusion, map1, map2, k))
+
+    np.savez(save_dir / RESULT_FILES[0], model1_name=names[0], model2_name=names[1], model1_map=map1,
+             model2_map=map2, overlaps=overlaps, mean_overlap=mean_overlap, correlations=rho,
+             mean_spearman=mean_rho, std_spearman=std_rho, fusion_alphas=np.array(alphas),
+             fusion_maps=fusion_maps, aps_model1=r["ap1"], aps_model2=r["ap2"])
+    save_json({
+        "k": k, "num_queries": n,
+        "model1": {"name": names[0], key: map1, "R@1": float(r["r1_1"].mean()), "mAP": full1},
+        "model2": {"name": names[1], key: map2, "R@1": float(r["r1_2"].mean()), "mAP": full2},
+        "mean_overlap": mean_overlap, "pct_low_overlap": pct_low,
+        "mean_spearman": mean_rho, "std_spearman": std_rho,
+        "fusion": [{"alpha": a, key: float(m)} for a, m in zip(alphas, fusion_maps)],
+        "fusion_zscore": [{"alpha": a, key: float(m)} for a, m in zip(alphas, zscore_maps)],
+        "rrf": {key: rrf_map},
+        "heldout": {"alpha": h_alpha, key: h_map},
+    }, save_dir / RESULT_FILES[1])
+    plot_overlap_histogram(overlaps, k, names, save_dir / RESULT_FILES[2])
+
+    if args.visualize_samples > 0:
+        find = _image_finder(args.image_dir, args.image_list)
+        missing = sum(find(str(i)) is None for i in image_ids[:50])
+        if args.image_dir is None or missing:
+            print(f"note: images not found for {missing} of the first {min(n, 50)} ids"
+                  + ("" if args.image_dir else " (no --image-dir)") + "; they are drawn as labelled blanks")
+        for q in choose_queries(overlaps, min(args.visualize_samples, n), args.seed):
+            plot_query(q, e1, e2, r["top1"], r["top2"], labels, image_ids, class_names, names, find, k,
+                       int(overlaps[q]), save_dir / f"query_{q}_comparison.png")
+    print(f"\nresults in {save_dir}/: {', '.join(RESULT_FILES)}"
+          + (f", query_*_comparison.png" if args.visualize_samples > 0 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(get_args_parser().parse_args()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

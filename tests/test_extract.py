@@ -1,0 +1,111 @@
+"""extract_embeddings.py on the demo data with a tiny model: list order, dtypes, checkpoint rebuild, torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import extract_embeddings as ee
+from dataset import load_image, read_image_list
+from model import build_model, get_transform, make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "convnextv2", "--convnext-backbone", "convnextv2_atto", "--no-pretrained", "--img-size", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("convnextv2", convnext_backbone="convnextv2_atto", pretrained=False, img_size=64,
+                        embedding_dim=32)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_ckpt.pth"
+    torch.save(make_checkpoint(model, epoch=1), path)
+    return path, model.eval()
+
+
+def run(demo_data, output, *flags):
+    args = ee.get_args_parser().parse_args(
+        ["--dataset-dir", str(demo_data), "--test-image-list", str(demo_data / "test_split.txt"),
+         "--output", str(output), "--workers", "0", "--device", "cpu", *flags])
+    return ee.main(args)
+
+
+def load(output):
+    stem = str(output)[:-4]
+    return (np.load(output), np.load(f"{stem}_labels.npy"), np.load(f"{stem}_image_ids.npy"),
+            np.load(f"{stem}_patient_ids.npy"))
+
+
+@pytest.fixture(scope="module")
+def single(demo_data, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "emb.npy"
+    assert run(demo_data, out, "--resume", str(tiny_ckpt[0]), "--batch-size", "7") == 0
+    return out
+
+
+def test_rows_in_list_order_whatever_the_batch_size(demo_data, tiny_ckpt, single, tmp_path):
+    emb7, labels, ids, pids = load(single)
+    assert run(demo_data, tmp_path / "b1.npy", "--resume", str(tiny_ckpt[0]), "--batch-size", "1") == 0
+    emb1, labels1, ids1, pids1 = load(tmp_path / "b1.npy")
+    np.testing.assert_allclose(emb1, emb7, atol=1e-5)
+    records = read_image_list(demo_data / "test_split.txt")
+    assert ids.tolist() == [Path(r.filename).stem for r in records] == ids1.tolist()
+    assert labels.tolist() == [r.label for r in records] and pids.tolist() == [r.patient_id for r in records]
+    assert emb7.dtype == np.float32 and labels.dtype == np.int64 and emb7.shape == (len(records), 32)
+    np.testing.assert_allclose(np.linalg.norm(emb7, axis=1), 1.0, atol=1e-6)
+    # row 3 is the model (rebuilt from the checkpoint) applied to image 3 with the model's eval transform
+    model = tiny_ckpt[1]
+    x = get_transform(model)(load_image(demo_data / "test" / records[3].filename))[None]
+    with torch.no_grad():
+        np.testing.assert_allclose(emb7[3], model(x)[0].numpy(), atol=1e-5)
+    meta = json.loads((tmp_path / "b1_meta.json").read_text())
+    assert meta["model_name"] == "convnextv2" and meta["class_names"] == ["normal", "pneumonia", "COVID-19"]
+
+
+def test_untrained_warning_and_no_overwrite(demo_data, tmp_path, capsys):
+    out = tmp_path / "u.npy"
+    assert run(demo_data, out, *TINY, "--batch-size", "16") == 0
+    assert "UNTRAINED" in capsys.readouterr().err
+    before = np.load(out)
+    with pytest.raises(ValueError, match=r"u\.npy.*--overwrite"):
+        run(demo_data, out, *TINY)
+    np.testing.assert_array_equal(np.load(out), before)
+
+
+def test_missing_images_reported_before_any_work(demo_data, tmp_path, monkeypatch):
+    lines = (demo_data / "test_split.txt").read_text().splitlines()
+    bad = tmp_path / "list.txt"
+    bad.write_text("\n".join(lines + ["p99 gone1.png normal", "p99 gone2.png COVID-19"]) + "\n")
+    monkeypatch.setattr(ee, "build", lambda *a: pytest.fail("the model was built before the list was checked"))
+    args = ee.get_args_parser().parse_args(
+        ["--dataset-dir", str(demo_data), "--test-image-list", str(bad), "--output", str(tmp_path / "x.npy"),
+         *TINY])
+    with pytest.raises(FileNotFoundError, match=r"2 of \d+ images .*missing"):
+        ee.main(args)
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_resume_with_wrong_model_is_an_error(demo_data, tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="holds model 'convnextv2'"):
+        run(demo_data, tmp_path / "w.npy", "--resume", str(tiny_ckpt[0]), "--model", "vit")
+
+
+def test_torchrun_two_cpu_ranks_equal_one_process(demo_data, tiny_ckpt, single, tmp_path):
+    out = tmp_path / "ddp.npy"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "extract_embeddings.py"), "--resume", str(tiny_ckpt[0]), "--dataset-dir", str(demo_data),
+           "--test-image-list", str(demo_data / "test_split.txt"), "--output", str(out), "--workers", "0",
+           "--batch-size", "7"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(load(out), load(single)):
+        if a.dtype == np.float32:
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(a, b)
