@@ -21,7 +21,6 @@ Commands:
   python extract_embeddings.py --device cpu ...   (or CUDA_VISIBLE_DEVICES="")
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from dataset import ImageListDataset, get_data_parser, test_image_dir
-from model import build_model, get_model_parser, get_transform, load_checkpoint, model_args_from_cli
-from utils import (all_gather_object, cleanup_distributed, ensure_writable_dir, get_device, get_local_rank,
+from model import build_model, compute_embeddings, get_model_parser, get_transform, load_checkpoint, model_args_from_cli
+from utils import (all_gather_object, atomic_np_save, cleanup_distributed, ensure_writable_dir, get_device, get_local_rank,
                    get_rank, get_world_size, git_revision, init_distributed, is_main_process, print_args,
                    save_json)
 
@@ -103,29 +101,6 @@ def build(args, device):
 
 
 @torch.inference_mode()
-def embed(model, loader, device, amp, progress):
-    """Embeddings of the loader's items with the dataset indices they belong to."""
-    idx, out = [], []
-    for images, _, index in tqdm(loader, desc="extracting", unit="batch", disable=not progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            z = model(images.to(device, non_blocking=True))
-        out.append(z.float().cpu())
-        idx.append(index)
-    if not out:
-        return np.zeros(0, np.int64), None
-    return torch.cat(idx).numpy(), torch.cat(out).numpy()
-
-
-def _save_npy(path, array):
-    """Temporary file + rename, so an interrupted run never leaves a truncated array."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(args):
     distributed = init_distributed()
     rank, world = get_rank(), get_world_size()
@@ -161,22 +136,23 @@ def main(args):
         print(f"{source}: {model.embedding_dim}-d embeddings of {n} images from {args.test_image_list} "
               f"({image_dir}) on {device}" + (f", {world} ranks" if distributed else ""))
     t0 = time.time()
-    idx, emb = embed(model, loader, device, args.amp, progress=is_main_process())
+    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None  # --amp: bf16 on CUDA only
+    idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype, progress=is_main_process(),
+                                  desc="extracting")
     parts = all_gather_object((idx, emb))
     if is_main_process():
         embeddings = np.zeros((n, model.embedding_dim), np.float32)
         seen = np.zeros(n, bool)
         for i, e in parts:
-            if e is not None:
-                embeddings[i] = e
-                seen[i] = True
+            embeddings[i] = e
+            seen[i] = True
         assert seen.all(), f"{int((~seen).sum())} rows were not extracted by any rank"
         # Unit rows in float32 (the model normalises in float32 already; this removes bf16/rounding drift).
         embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-        _save_npy(paths["labels"], ds.labels.astype(np.int64))
-        _save_npy(paths["image_ids"], np.array(ds.image_ids, dtype=str))
-        _save_npy(paths["patient_ids"], np.array(ds.patient_ids, dtype=str))
-        _save_npy(paths["embeddings"], embeddings)
+        atomic_np_save(paths["labels"], ds.labels.astype(np.int64))
+        atomic_np_save(paths["image_ids"], np.array(ds.image_ids, dtype=str))
+        atomic_np_save(paths["patient_ids"], np.array(ds.patient_ids, dtype=str))
+        atomic_np_save(paths["embeddings"], embeddings)
         meta = {"model_name": model.model_name, "model_args": model.model_args,
                 "embedding_dim": int(model.embedding_dim), "resume": args.resume,
                 "image_list": str(args.test_image_list), "image_dir": str(image_dir), "dataset": args.dataset,

@@ -26,7 +26,9 @@ import warnings
 from pathlib import Path
 
 import timm
+import numpy as np
 import torch
+from tqdm import tqdm
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -553,6 +555,31 @@ def build_model(name, **model_args):
 def _unwrap(model):
     model = getattr(model, "module", model)       # DistributedDataParallel
     return getattr(model, "_orig_mod", model)     # torch.compile
+
+
+@torch.no_grad()
+def compute_embeddings(model, loader, device, amp_dtype=None, channels_last=False, progress=False,
+                       desc="embedding"):
+    """Embed every batch of `loader` (items (image, label, index) as ImageListDataset's).
+
+    Returns (indices int64 (n,), embeddings float32 (n, D)) in loader order; callers place rows by
+    index, so shuffled or sharded loaders still give rows in list order. The model's train/eval
+    mode is restored afterwards. The one embedding loop of train.py, test.py and extract_embeddings.py.
+    """
+    was_training = model.training
+    model.eval()
+    idx, out = [], []
+    for images, _, index in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(model(images).float().cpu())
+        idx.append(torch.as_tensor(index))
+    model.train(was_training)
+    if not out:  # an empty shard under torchrun
+        return np.zeros(0, np.int64), np.zeros((0, _unwrap(model).embedding_dim), np.float32)
+    return torch.cat(idx).numpy().astype(np.int64), torch.cat(out).numpy()
 
 
 def get_transform(model, train=False, rand_resize=False):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import metrics
 from dataset import LABEL_MAPS, ImageListDataset, get_data_parser, load_image, test_image_dir, train_image_dir
@@ -71,20 +70,6 @@ def get_args_parser():
     g.add_argument("--save-dir", type=Path, default=Path("./results"))
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     return p
-
-
-@torch.no_grad()
-def compute_embeddings(model, loader, device, amp=False, progress=True):
-    """(N, D) float32 embeddings in dataset order. Items are (image, label, index) as ImageListDataset's."""
-    model.eval()
-    out = None
-    for images, _, index in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            z = model(images.to(device, non_blocking=True)).float().cpu()
-        if out is None:
-            out = torch.empty(len(loader.dataset), z.shape[1])
-        out[index] = z
-    return out.numpy()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -133,7 +118,7 @@ def check_args(args):
 
 
 def embeddings_from_checkpoint(args):
-    from model import get_transform, load_checkpoint
+    from model import compute_embeddings, get_transform, load_checkpoint
     device = get_device(args.device)
     query_dir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
     gallery_dir = args.gallery_dataset_dir or (train_image_dir(args.dataset_dir) if args.dataset_dir else None)
@@ -160,12 +145,16 @@ def embeddings_from_checkpoint(args):
           + (f", epoch {ckpt['epoch']}" if "epoch" in ckpt else ""))
     # the model's own eval transform: the same as validation in train.py and extract_embeddings.py
     query_ds, gallery_ds = datasets(get_transform(model), False)
+    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None  # --amp: bf16 on CUDA only
     sets = []
     for ds in [query_ds] + ([gallery_ds] if gallery_ds is not None else []):
         loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
-        sets.append({"embeddings": compute_embeddings(model, loader, device, amp=args.amp,
-                                                      progress=sys.stderr.isatty()),
+        idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype,
+                                      progress=sys.stderr.isatty())
+        rows = np.empty_like(emb)
+        rows[idx] = emb
+        sets.append({"embeddings": rows,
                      "labels": ds.labels, "image_ids": np.array(ds.image_ids),
                      "patient_ids": np.array(ds.patient_ids), "paths": ds.paths})
     return sets[0], (sets[1] if len(sets) > 1 else None), query_ds.class_names

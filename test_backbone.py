@@ -539,7 +539,7 @@ def main(args):
             plot_query(q, e1, e2, r["top1"], r["top2"], labels, image_ids, class_names, names, find, k,
                        int(overlaps[q]), save_dir / f"query_{q}_comparison.png")
     print(f"\nresults in {save_dir}/: {', '.join(RESULT_FILES)}"
-          + (f", query_*_comparison.png" if args.visualize_samples > 0 else ""))
+          + (", query_*_comparison.png" if args.visualize_samples > 0 else ""))
     return 0
 
 

@@ -202,25 +202,10 @@ def peak_memory_mb(device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def embed(model, dataset, device, args, amp_dtype):
-    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
-    was_training = model.training
-    model.eval()
-    out = []
-    for images, _, _ in loader:
-        images = images.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model(images).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 def evaluate(model, dataset, device, args, amp_dtype):
     """Leave-one-out retrieval on one dataset (every image a query, self excluded; relevant = same label)."""
-    emb = embed(model, dataset, device, args, amp_dtype)
+    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
+    _, emb = M.compute_embeddings(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last)
     k_values = [k for k in (1, 5, 10) if k < len(dataset)] or [1]  # tiny validation splits have < 10 neighbours
     return retrieval_evaluate(emb, dataset.labels, k_values=k_values, query_groups=dataset.patient_ids,
                               class_names=dataset.class_names)

@@ -148,6 +148,10 @@ def atomic_torch_save(obj, path):
     _atomic_replace(path, lambda f: torch.save(obj, f))
 
 
+def atomic_np_save(path, array):
+    _atomic_replace(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
 def atomic_write_text(path, text):
     _atomic_replace(path, lambda f: f.write(text.encode("utf-8")))
 
