@@ -1,7 +1,7 @@
 """Evaluate image retrieval: R@K, mP@K, mAP, mAP@K, MAP@R, majority vote, per class, bootstrap CIs.
 
 From a trained checkpoint (the model is rebuilt from it; its own eval transform is used):
-    python test.py --resume checkpoints/covid_hybrid_convnext_vit_embed_1024_seed_0_best_ckpt.pth \
+    python test.py --resume checkpoints/RUN/RUN_best_ckpt.pth \
         --dataset covid --dataset-dir data/covidx --test-image-list data/covidx/test_COVIDx4.txt
     # CPU only
     CUDA_VISIBLE_DEVICES="" python test.py --resume CKPT --dataset-dir data/demo \
