@@ -39,7 +39,7 @@ DEFAULT_MODEL = "hybrid_convnext_vit"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Extract embeddings of a list of images",
+    p = argparse.ArgumentParser(description="Extract embeddings of a list of images",
                                 parents=[get_model_parser(), get_data_parser()])
     # None = "not given": with --resume the model comes from the checkpoint, and a given --model is checked.
     p.set_defaults(model=None)

@@ -32,7 +32,7 @@ from utils import ensure_writable_dir, get_device, git_revision, print_args, sav
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Retrieval evaluation", parents=[get_data_parser()])
+    p = argparse.ArgumentParser(description="Retrieval evaluation", parents=[get_data_parser()])
     g = p.add_argument_group("from a checkpoint")
     g.add_argument("--resume", type=Path, default=None, help="checkpoint written by train.py")
     g.add_argument("--model", default=None, help="if given, must match the checkpoint's model")

@@ -46,7 +46,7 @@ RESULT_FILES = ("backbone_comparison_results.npz", "backbone_comparison_results.
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Compare two backbones from saved embeddings", add_help=True)
+    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings", add_help=True)
     p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
                    help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
     p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,

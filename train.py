@@ -43,7 +43,7 @@ import dataset as ds
 import model as M
 import utils
 from losses import MINING, TripletLoss
-from metrics import evaluate as retrieval_evaluate
+from metrics import candidate_counts, evaluate as retrieval_evaluate
 
 REPO = Path(__file__).resolve().parent
 OUTPUTS = ("args.json", "log.jsonl", "training_curves.png", "results.json")
@@ -58,11 +58,12 @@ WEIGHT_KEYS = ("pretrained", "pretrained_weights", "convnext_weights", "vit_weig
 DEMO = dict(model="hybrid_convnext_vit", convnext_backbone="convnextv2_atto", vit_backbone="vit_tiny_patch16_224",
             img_size=64, embedding_dim=128, pretrained=False, labels_per_batch=3, samples_per_label=8,
             epochs=8, iters_per_epoch=5, lr=3e-4, backbone_lr_mult=1.0, mining="batch_all", workers=0,
+            exclude_same_patient=True, val_fraction=0.25,
             save_dir=Path("checkpoints/demo"), dataset_dir=REPO / "data" / "demo")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Train a retrieval embedding with P x K triplet batches", add_help=True,
+    parser = argparse.ArgumentParser(description="Train a retrieval embedding with P x K triplet batches", add_help=True,
                                      parents=[M.get_model_parser(), ds.get_data_parser()])
     g = parser.add_argument_group("training")
     g.add_argument("--val-fraction", type=float, default=0.1,
@@ -81,6 +82,9 @@ def get_args_parser():
     g.add_argument("--rand-resize", action="store_true", help="RandomResizedCrop instead of CenterCrop in training")
     g.add_argument("--eval-freq", type=int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--exclude-same-patient", action="store_true",
+                   help="validation and test retrieval drop gallery images of the query's own patient "
+                        "(as test.py --exclude-same-patient); without it they count as matches")
     g.add_argument("--save-freq", type=int, default=10, help="keep an _epoch_E_ checkpoint every N epochs")
     g.add_argument("--save-dir", type=Path, default=Path("checkpoints"))
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
@@ -206,16 +210,23 @@ def evaluate(model, dataset, device, args, amp_dtype):
     """Leave-one-out retrieval on one dataset (every image a query, self excluded; relevant = same label)."""
     loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
     _, emb = M.compute_embeddings(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last)
-    k_values = [k for k in (1, 5, 10) if k < len(dataset)] or [1]  # tiny validation splits have < 10 neighbours
+    cand, _ = candidate_counts(dataset.labels, query_groups=dataset.patient_ids,
+                               exclude_same_group=args.exclude_same_patient)
+    k_values = [k for k in (1, 5, 10) if k <= cand.min()] or [1]  # tiny validation splits have < 10 neighbours
     return retrieval_evaluate(emb, dataset.labels, k_values=k_values, query_groups=dataset.patient_ids,
-                              class_names=dataset.class_names)
+                              exclude_same_group=args.exclude_same_patient, class_names=dataset.class_names)
+
+
+def fmt(value):
+    """A metric for printing; None (no query had a relevant image) reads n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def print_table(before, after, keys=("R@1", "R@5", "mAP")):
     print(f"\n{'metric':<8}{'before':>10}{'after':>10}")
     for k in keys:
         if k in before and k in after:
-            print(f"{k:<8}{before[k]:>10.4f}{after[k]:>10.4f}")
+            print(f"{k:<8}{fmt(before[k]):>10}{fmt(after[k]):>10}")
 
 
 def plot_curves(history, path):
@@ -407,7 +418,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
         utils.atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     if args.demo and before is None and test_set is not None and main_proc:
         before = evaluate(model, test_set, device, args, amp_dtype)
-        print(f"untrained model on the test list: R@1 {before['R@1']:.4f}  mAP {before['mAP']:.4f}")
+        print(f"untrained model on the test list: R@1 {fmt(before['R@1'])}  mAP {fmt(before['mAP'])}")
 
     fwd_model = model
     if utils.is_dist():
@@ -434,7 +445,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
         row = dict(epoch=epoch, **stats, lr=lr)
         if main_proc and val_set is not None and (epoch % args.eval_freq == 0 or epoch == args.epochs):
             val = evaluate(model, val_set, device, args, amp_dtype)
-            row.update({f"val_{k}": float(val[k]) for k in ("R@1", "R@5", "R@10", "mAP", "mAP@10") if k in val})
+            row.update({f"val_{k}": float(val[k]) for k in ("R@1", "R@5", "R@10", "mAP", "mAP@10") if val.get(k) is not None})
         row.update(time_s=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         if main_proc:
             # ties go to the later epoch: small validation sets saturate (mAP 1.0) while training still helps
@@ -473,7 +484,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
             out["before_training"] = before
         utils.save_json(out, run_dir / "results.json")
         print(f"test ({chosen.name}, epoch {final['epoch']}): " + "  ".join(
-            f"{k} {res[k]:.4f}" for k in ("R@1", "R@5", "R@10", "mAP", "mAP@10") if k in res))
+            f"{k} {fmt(res[k])}" for k in ("R@1", "R@5", "R@10", "mAP", "mAP@10") if k in res))
         if before is not None:
             print_table(before, res)
     utils.barrier()

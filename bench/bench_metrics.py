@@ -67,6 +67,10 @@ def get_args_parser():
     p.add_argument("--faiss-gallery", type=int, default=1000000)
     p.add_argument("--faiss-queries", type=int, default=1000)
     p.add_argument("--faiss-indexes", nargs="+", default=["flat", "ivf", "hnsw"], choices=["flat", "ivf", "hnsw"])
+    p.add_argument("--faiss-nlist", type=int, default=None,
+                   help="IVF lists (default: metrics.build_faiss_index's 4 sqrt(N); k-means cost grows with it)")
+    p.add_argument("--faiss-nprobe", type=int, nargs="+", default=[16], help="IVF nprobe values to search with")
+    p.add_argument("--faiss-ef-search", type=int, nargs="+", default=[128], help="HNSW efSearch values")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     return p
@@ -210,20 +214,30 @@ def faiss_bench(args):
     rows, exact = [], None
     for kind in ["flat"] + [k for k in args.faiss_indexes if k != "flat"]:
         t0 = time.perf_counter()
-        index = metrics.build_faiss_index(g, kind)
+        index = metrics.build_faiss_index(g, kind, nlist=args.faiss_nlist)
         build = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, idx = index.search(q, 10)
-        search = time.perf_counter() - t0
-        if kind == "flat":
-            exact = idx
+        settings = {"ivf": [("nprobe", v) for v in args.faiss_nprobe],
+                    "hnsw": [("efSearch", v) for v in args.faiss_ef_search]}.get(kind, [(None, None)])
+        for param, value in settings:
+            if param == "nprobe":
+                index.nprobe = value
+            elif param == "efSearch":
+                index.hnsw.efSearch = value
             t0 = time.perf_counter()
-            _, tidx = metrics.knn_search(q, g, 10)
-            torch_s = time.perf_counter() - t0
-            rows.append(f"| torch exact (metrics.knn_search) | 0 | {torch_s:.2f} | "
-                        f"{(tidx == exact).mean():.4f} (vs faiss flat) |")
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact)])
-        rows.append(f"| faiss {kind} | {build:.1f} | {search:.2f} | {recall:.4f} |")
+            _, idx = index.search(q, 10)
+            search = time.perf_counter() - t0
+            if kind == "flat":
+                exact = idx
+                t0 = time.perf_counter()
+                _, tidx = metrics.knn_search(q, g, 10)
+                torch_s = time.perf_counter() - t0
+                rows.append(f"| torch exact (metrics.knn_search) | 0 | {torch_s:.2f} | "
+                            f"{(tidx == exact).mean():.4f} (vs faiss flat) |")
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact)])
+            name = f"faiss {kind}" + (f" (nlist {index.nlist}, nprobe {value})" if param == "nprobe" else "") \
+                + (f" (M {index.hnsw.nb_neighbors(1)}, efSearch {value})" if param == "efSearch" else "")
+            rows.append(f"| {name} | {build:.1f} | {search:.2f} | {recall:.4f} |")
+            print(rows[-1], flush=True)
         del index
     print(f"\nfaiss: {args.faiss_queries} queries, gallery {args.faiss_gallery:,} x {args.dim}, "
           f"{faiss.omp_get_max_threads()} threads\n")

@@ -171,3 +171,5 @@ def test_demo_smoke(demo_data, tmp_path, capsys):
     assert "before" in out and "after" in out and "R@5" in out
     res = json.loads(next(tmp_path.glob("*/results.json")).read_text())
     assert {"R@1", "R@5", "mAP"} <= set(res["before_training"])
+    # the demo's patients have 3 near-identical images each: its metrics must not count them as matches
+    assert res["exclude_same_patient"] is True and res["before_training"]["exclude_same_patient"] is True
