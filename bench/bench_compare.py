@@ -126,7 +126,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser("Benchmark test_backbone.py's computation")
+    p = argparse.ArgumentParser(description="Benchmark test_backbone.py's computation")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--d1", type=int, default=1024)
     p.add_argument("--d2", type=int, default=768)

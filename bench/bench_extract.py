@@ -123,7 +123,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser("Benchmark embedding extraction speed")
+    p = argparse.ArgumentParser(description="Benchmark embedding extraction speed")
     p.add_argument("--models", nargs="+", default=["convnextv2", "hybrid", "siglip-b"], choices=sorted(MODELS))
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     p.add_argument("--batches", type=int, default=1, help="timed batches per batch size")

@@ -17,6 +17,8 @@ reports recall@10 of the approximate indexes against exact search.
     python bench/bench_metrics.py                                    # loo1k loo10k loo50k q10k_g200k
     python bench/bench_metrics.py --configs loo1k loo10k             # quick (~1 min on 2 cores)
     python bench/bench_metrics.py --configs faiss --faiss-gallery 1000000 --faiss-queries 1000
+    python bench/bench_metrics.py --configs faiss --faiss-indexes flat ivf --faiss-nlist 1024 --faiss-nprobe 8 32 128
+    (--faiss-nprobe / --faiss-ef-search: search one built index with several settings)
 
 Prints a markdown table with the machine, the command and the date. Timings on a shared machine
 are noisy: compare methods within one run (the floor is timed in the same run).
@@ -50,7 +52,7 @@ AGREE_KEYS = ("R@1", "mAP", "MAP@R")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Benchmark retrieval metrics")
+    p = argparse.ArgumentParser(description="Benchmark retrieval metrics")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS) + ["faiss"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--dim", type=int, default=1024)

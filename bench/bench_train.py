@@ -41,7 +41,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Benchmark one training step of the paper hybrid")
+    p = argparse.ArgumentParser(description="Benchmark one training step of the paper hybrid")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=None, help="default 16 on CUDA, 4 on CPU (2 classes x k)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (default 10 CUDA, 2 CPU)")
