@@ -529,7 +529,7 @@ def knn_search(query, gallery, k: int, *, exclude_self: bool = False, query_grou
 def _faiss_topk(q, g, k, exclude_self, qgrp, ggrp, cand, index_type):
     """Top-k with faiss, then exclusions and the tie rule applied on exactly recomputed sims."""
     try:
-        import faiss
+        import faiss  # noqa: F401  (fail here, with the install hint, before any work)
     except ImportError as e:  # optional dependency
         raise ValueError("backend='faiss' needs faiss: pip install faiss-cpu") from e
     qn, gn = q.numpy(), g.numpy()
