@@ -58,6 +58,36 @@ def class_names(dataset, labels_found=None):
     return names
 
 
+def list_label_names(path):
+    """The set of label strings a list file uses (the list's format is checked on the way)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image list {path} does not exist (check the --*-image-list flags)")
+    return {cols[2] for _, cols in _parse_lines(path)}
+
+
+def resolve_class_names(dataset, primary_list, other_lists=(), given=None):
+    """Class names (index order) shared by several lists, so one class has one id in all of them.
+
+    covid / covidx-cxr2: the built-in map. generic: `given` (e.g. the class order a checkpoint was
+    trained with) or else the sorted names of `primary_list` (the training list); names that only
+    the other lists use are appended, sorted. Returns (names, appended names). Without this, each
+    list's own sorted set would number the classes, and a query list lacking one class would give
+    every later class another id than its gallery.
+    """
+    if dataset in LABEL_MAPS:
+        return class_names(dataset), []
+    if dataset != "generic":
+        raise ValueError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    names = list(given) if given else sorted(list_label_names(primary_list))
+    found = set()
+    for p in [primary_list, *other_lists]:
+        if p is not None:
+            found |= list_label_names(p)
+    extra = sorted(found - set(names))
+    return names + extra, extra
+
+
 def _parse_lines(path):
     """Yield (line_number, columns) of the non-blank, non-comment lines; check the column count."""
     with open(path, encoding="utf-8") as f:
@@ -310,6 +340,7 @@ class ResizedImageCache:
         entry.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename
             with os.fdopen(fd, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
             os.replace(tmp, entry)
@@ -322,6 +353,12 @@ class ResizedImageCache:
 
 # ----------------------------------------------------------------------------------------------
 # dataset
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class ImageListDataset:
@@ -530,20 +567,83 @@ def patient_split(patient_ids, labels, val_fraction, seed):
     return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
 
-def get_data_parser():
+# ----------------------------------------------------------------------------------------------
+# saved embedding sets (the files extract_embeddings.py writes beside X.npy)
+
+
+def embedding_sidecars(path):
+    """The files written beside X.npy: X_labels.npy, X_image_ids.npy, X_patient_ids.npy, X_meta.json."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix == ".npy" else path
+    return {"labels": Path(f"{stem}_labels.npy"), "image_ids": Path(f"{stem}_image_ids.npy"),
+            "patient_ids": Path(f"{stem}_patient_ids.npy"), "meta": Path(f"{stem}_meta.json")}
+
+
+def read_class_names(embeddings_path):
+    """Class names (index order) from X_meta.json beside X.npy; None when there is no meta file."""
+    import json
+    meta = embedding_sidecars(embeddings_path)["meta"]
+    if not meta.is_file():
+        return None
+    try:
+        names = json.loads(meta.read_text()).get("class_names")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta}: not a readable JSON file ({e})") from e
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"{meta}: class_names must be a list of distinct strings, got {names!r}")
+    return names
+
+
+def align_class_names(query_names, query_labels, gallery_names, gallery_labels, query_file, gallery_file):
+    """One class id per class NAME across a query set and a gallery set extracted separately.
+
+    Each set's ids index its own names (a generic list numbers the classes it happens to contain), so the
+    same id can mean two classes. Returns (names, query_labels, gallery_labels) with the gallery relabelled
+    into the query's numbering (names only the gallery has are appended). A set without names is an error
+    when the other has them: ids alone cannot be matched to names.
+    """
+    q, g = np.asarray(query_labels, dtype=np.int64), np.asarray(gallery_labels, dtype=np.int64)
+    if query_names is None and gallery_names is None:
+        return None, q, g
+    if query_names is None or gallery_names is None:
+        missing, other = (query_file, gallery_file) if query_names is None else (gallery_file, query_file)
+        raise ValueError(f"{other} carries class names (its _meta.json) but {missing} has none, so their label "
+                         f"ids cannot be matched by class; re-extract {missing} with extract_embeddings.py, or "
+                         f"give both sets without _meta.json files and the same integer ids")
+    for names, lab, f in ((query_names, q, query_file), (gallery_names, g, gallery_file)):
+        if len(lab) and (lab.min() < 0 or lab.max() >= len(names)):
+            raise ValueError(f"{f}: label ids {lab.min()}..{lab.max()} do not fit its {len(names)} class names "
+                             f"{names}; the labels and the _meta.json come from different extractions")
+    names = list(query_names) + [n for n in gallery_names if n not in query_names]
+    index = {n: i for i, n in enumerate(names)}
+    remap = np.array([index[n] for n in gallery_names], dtype=np.int64)
+    return names, q, (remap[g] if len(g) else g)
+
+
+def get_data_parser(lists=("train", "val", "test"), test_help="test list (images in the test folder)"):
+    """The data flags shared by the scripts; `lists` picks the list flags a script actually reads."""
+    from utils import default_workers
     parser = argparse.ArgumentParser(add_help=False)
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="covid", choices=DATASETS,
                    help="label map: covid (normal/pneumonia/COVID-19), covidx-cxr2 (negative/positive), "
-                        "generic (sorted class names found in the training list)")
+                        "generic (class names from the lists; ids follow the training list or checkpoint)")
     g.add_argument("--dataset-dir", type=Path, default=None,
                    help="image root; training images in DIR/train when it exists, else DIR")
     g.add_argument("--test-dataset-dir", type=Path, default=None,
                    help="test image folder (default DIR/test when it exists, else DIR)")
-    g.add_argument("--train-image-list", type=Path, default=None, help="list file: patient_id filename label [source]")
-    g.add_argument("--val-image-list", type=Path, default=None, help="validation list (images in the training folder)")
-    g.add_argument("--test-image-list", type=Path, default=None, help="test list (images in the test folder)")
-    g.add_argument("--workers", type=int, default=4, help="data loader worker processes")
+    if "train" in lists:
+        g.add_argument("--train-image-list", type=Path, default=None,
+                       help="training list file: patient_id filename label [source]")
+    if "val" in lists:
+        g.add_argument("--val-image-list", type=Path, default=None,
+                       help="validation list (images in the training folder)")
+    if "test" in lists:
+        g.add_argument("--test-image-list", type=Path, default=None, help=test_help)
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data loader worker processes (default: up to 4, at most this machine's cores)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="opt-in cache of decoded, resized images reused across epochs and runs")
     return parser

@@ -29,24 +29,31 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from dataset import ImageListDataset, get_data_parser, test_image_dir
-from model import build_model, compute_embeddings, get_model_parser, get_transform, load_checkpoint, model_args_from_cli
-from utils import (all_gather_object, atomic_np_save, cleanup_distributed, ensure_writable_dir, get_device, get_local_rank,
-                   get_rank, get_world_size, git_revision, init_distributed, is_main_process, print_args,
-                   save_json)
+from dataset import ImageListDataset, get_data_parser, resolve_class_names, test_image_dir
+from model import (build_model, compute_embeddings, get_model_parser, get_transform, load_checkpoint, model_args_from_cli,
+                   read_checkpoint)
+from utils import (all_gather_object, atomic_np_save, check_writable_dir, cleanup_distributed, ensure_writable_dir,
+                   get_device, get_local_rank, get_rank, get_world_size, git_revision, init_distributed,
+                   is_main_process, print_args, save_json, set_seed)
 
 DEFAULT_MODEL = "hybrid_convnext_vit"
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Extract embeddings of a list of images",
-                                parents=[get_model_parser(), get_data_parser()])
+                                parents=[get_model_parser(), get_data_parser(
+                                    lists=("test",), test_help="list of the images to embed (images in the test folder)")],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # None = "not given": with --resume the model comes from the checkpoint, and a given --model is checked.
     p.set_defaults(model=None)
     g = p.add_argument_group("extraction")
     g.add_argument("--resume", default=None, help="trained checkpoint; the model is rebuilt from it")
-    g.add_argument("--output", required=True, help="X.npy; labels/ids/meta are written beside it")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--output", required=True,
+                   help="X.npy (a file; folders are --save-dir elsewhere); labels/ids/meta are written beside it")
+    g.add_argument("--batch-size", "--eval-batch-size", dest="batch_size", type=int, default=32,
+                   help="images per batch")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds torch/numpy before the model is built: random-init weights repeat exactly")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (faster; rows differ by ~1e-3)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -104,8 +111,6 @@ def build(args, device):
 def main(args):
     distributed = init_distributed()
     rank, world = get_rank(), get_world_size()
-    if is_main_process():
-        print_args(args)
     paths = output_paths(args.output)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not args.overwrite:
@@ -117,17 +122,26 @@ def main(args):
         raise ValueError("--test-image-list LIST is required (one image per line: patient_id filename label)")
     if args.dataset_dir is None and args.test_dataset_dir is None:
         raise ValueError("give the image folder: --dataset-dir DIR (images in DIR/test or DIR) or --test-dataset-dir")
-    ensure_writable_dir(paths["embeddings"].parent, "--output")
+    if args.resume is not None and not Path(args.resume).is_file():
+        raise ValueError(f"--resume {args.resume}: file not found; give a checkpoint written by train.py")
+    check_writable_dir(paths["embeddings"].parent, "--output")  # created only after the model is built
     device = get_device(args.device)
+    if is_main_process():
+        print_args(args)  # after the cheap checks: a wrong path is reported at once, not after a dump
     if distributed and device.type == "cuda":
         device = torch.device("cuda", get_local_rank())
 
     image_dir = test_image_dir(args.dataset_dir, args.test_dataset_dir)
+    # generic lists: the class ids a checkpoint was trained with, so its embeddings and labels agree with it
+    stored = read_checkpoint(args.resume).get("class_names") if args.resume and args.dataset == "generic" else None
+    names, _ = resolve_class_names(args.dataset, args.test_image_list, given=stored)
     # The list (and the images on disk) are checked before any model is built or image embedded.
-    ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset)
+    ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, class_names=names)
+    set_seed(args.seed)  # an untrained (random-init) model gives the same embeddings run after run
     model, transform, source = build(args, device)
+    ensure_writable_dir(paths["embeddings"].parent, "--output")
     ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=transform,
-                          check_files=False, cache_dir=args.cache_dir)
+                          class_names=names, check_files=False, cache_dir=args.cache_dir)
     n = len(ds)
     shard = list(range(rank, n, world))  # strided: every rank gets a similar mix, no padding or duplicates
     loader = DataLoader(Subset(ds, shard), batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
@@ -156,7 +170,7 @@ def main(args):
         meta = {"model_name": model.model_name, "model_args": model.model_args,
                 "embedding_dim": int(model.embedding_dim), "resume": args.resume,
                 "image_list": str(args.test_image_list), "image_dir": str(image_dir), "dataset": args.dataset,
-                "class_names": list(ds.class_names), "num_images": n, "world_size": world,
+                "class_names": list(ds.class_names), "num_images": n, "world_size": world, "seed": args.seed,
                 "git": git_revision()}
         save_json(meta, paths["meta"])
         dt = time.time() - t0

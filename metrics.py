@@ -702,6 +702,13 @@ def retrieval_metrics(ranking: Ranking, query_labels, gallery_labels=None, *,
             pred = majority_vote(neighbour_labels, k)
             res["vote"][str(k)] = vote_metrics(qlab, pred, labels, [names[c] for c in labels])
 
+    # A vote over more neighbours than a class has gallery images cannot be won by that class alone
+    # (8 relevant of 20 neighbours): say so next to the numbers rather than print a low accuracy silently.
+    if ranking.num_relevant is not None and res["vote"]:
+        smallest = min(((int(ranking.num_relevant[qlab == c].min()), names[c]) for c in labels if (qlab == c).any()))
+        res["smallest_class_gallery"] = {"class": smallest[1], "relevant_images": smallest[0]}
+        res["vote_k_above_smallest_class"] = [int(k) for k in res["vote"] if int(k) > smallest[0]]
+
     r1 = recall_at_k(rel, 1)
     per_class = {}
     for c in labels:

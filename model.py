@@ -28,7 +28,6 @@ from pathlib import Path
 import timm
 import numpy as np
 import torch
-from tqdm import tqdm
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -569,7 +568,8 @@ def compute_embeddings(model, loader, device, amp_dtype=None, channels_last=Fals
     was_training = model.training
     model.eval()
     idx, out = [], []
-    for images, _, index in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+    from utils import Progress  # a bar on a terminal, a periodic line in a log: long extractions never look hung
+    for images, _, index in Progress(loader, desc=desc, unit="batches", enabled=progress):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -594,7 +594,8 @@ def get_transform(model, train=False, rand_resize=False):
 def get_model_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(MODELS))
+    g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(MODELS),
+                   help="embedding model (see README: Models)")
     g.add_argument("--embedding-dim", type=int, default=None,
                    help="output width (default: native width; hybrid_convnext_vit: 1024)")
     g.add_argument("--backbone", default=None, help="timm model name for --model timm")
@@ -604,7 +605,7 @@ def get_model_parser():
                    help="timm name of the ViT (vit, hybrid), e.g. vit_tiny_patch16_224")
     g.add_argument("--no-mxa", dest="use_mxa", action="store_false",
                    help="ablate the channel+spatial attention block")
-    g.add_argument("--img-size", type=int, default=384)
+    g.add_argument("--img-size", type=int, default=384, help="square input size in pixels")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="random initialisation (no download)")
     g.add_argument("--pretrained-weights", default=None,

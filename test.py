@@ -10,9 +10,11 @@ From a trained checkpoint (the model is rebuilt from it; its own eval transform 
     python test.py --resume CKPT --dataset-dir DIR --test-image-list test.txt \
         --gallery-image-list train.txt --exclude-same-patient
 
-From saved embeddings (the files extract_embeddings.py writes):
-    python test.py --embeddings emb/convnext.npy --labels emb/convnext_labels.npy \
-        --image-ids emb/convnext_image_ids.npy --patient-ids emb/convnext_patient_ids.npy --save-dir results/convnext
+From saved embeddings (the files extract_embeddings.py writes; X_labels.npy, X_image_ids.npy, X_patient_ids.npy
+and X_meta.json beside X.npy are found by default, --labels etc. override them):
+    python test.py --embeddings emb/convnext.npy --save-dir results/convnext
+    # queries against a separately extracted gallery: labels are matched by class NAME (each _meta.json)
+    python test.py --embeddings emb/test.npy --gallery-embeddings emb/train.npy --exclude-same-patient
 
 Evaluation is single-process (one matrix product per chunk of queries); under torchrun use
 train.py's built-in test evaluation instead. Definitions and the tie rule: metrics.py docstring.
@@ -27,36 +29,44 @@ import numpy as np
 import torch
 
 import metrics
-from dataset import LABEL_MAPS, ImageListDataset, get_data_parser, load_image, test_image_dir, train_image_dir
-from utils import ensure_writable_dir, get_device, git_revision, print_args, save_json
+from dataset import (ImageListDataset, align_class_names, embedding_sidecars, get_data_parser, load_image,
+                     read_class_names, resolve_class_names, test_image_dir, train_image_dir)
+from utils import check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args, save_json, set_seed
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Retrieval evaluation", parents=[get_data_parser()])
+    p = argparse.ArgumentParser(description="Retrieval evaluation",
+                                parents=[get_data_parser(lists=("test",), test_help="query list (images in the test "
+                                                         "folder); leave-one-out unless --gallery-image-list")],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("from a checkpoint")
     g.add_argument("--resume", type=Path, default=None, help="checkpoint written by train.py")
     g.add_argument("--model", default=None, help="if given, must match the checkpoint's model")
     g.add_argument("--embedding-dim", type=int, default=None, help="if given, must match the checkpoint")
-    g.add_argument("--eval-batch-size", type=int, default=32)
+    g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
     g.add_argument("--gallery-image-list", type=Path, default=None,
                    help="search the test queries against these images instead of leave-one-out")
     g.add_argument("--gallery-dataset-dir", type=Path, default=None,
                    help="gallery image folder (default: the training folder of --dataset-dir)")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for extraction")
-    g = p.add_argument_group("from saved embeddings")
-    g.add_argument("--embeddings", type=Path, default=None, help="(N, D) .npy")
-    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy")
-    g.add_argument("--image-ids", type=Path, default=None, help="(N,) .npy of image ids (optional)")
-    g.add_argument("--patient-ids", type=Path, default=None, help="(N,) .npy of patient ids (optional)")
-    g.add_argument("--gallery-embeddings", type=Path, default=None)
-    g.add_argument("--gallery-labels", type=Path, default=None)
-    g.add_argument("--gallery-image-ids", type=Path, default=None)
-    g.add_argument("--gallery-patient-ids", type=Path, default=None)
+    g = p.add_argument_group("from saved embeddings (sibling files X_labels.npy ... X_meta.json found by default)")
+    g.add_argument("--embeddings", type=Path, default=None, help="(N, D) .npy of the queries")
+    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy (default: X_labels.npy beside X.npy)")
+    g.add_argument("--image-ids", type=Path, default=None, help="(N,) .npy of image ids (default: X_image_ids.npy)")
+    g.add_argument("--patient-ids", type=Path, default=None,
+                   help="(N,) .npy of patient ids (default: X_patient_ids.npy)")
+    g.add_argument("--class-names", nargs="+", default=None,
+                   help="names of label ids 0, 1, ... for arrays without X_meta.json (default: the ids themselves)")
+    g.add_argument("--gallery-embeddings", type=Path, default=None,
+                   help="(M, D) .npy searched instead of leave-one-out; its sibling files are found likewise")
+    g.add_argument("--gallery-labels", type=Path, default=None, help="(M,) int .npy (default: G_labels.npy)")
+    g.add_argument("--gallery-image-ids", type=Path, default=None, help="(M,) .npy (default: G_image_ids.npy)")
+    g.add_argument("--gallery-patient-ids", type=Path, default=None, help="(M,) .npy (default: G_patient_ids.npy)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="remove gallery images of the query's own patient (needs patient ids)")
-    g.add_argument("--k-values", type=int, nargs="+", default=[1, 5, 10])
+    g.add_argument("--k-values", type=int, nargs="+", default=[1, 5, 10], help="K of R@K, mP@K and mAP@K")
     g.add_argument("--vote-k", type=int, nargs="+", default=list(metrics.DEFAULT_VOTE_K),
                    help="majority-vote k values (those above the gallery size are skipped)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
@@ -66,8 +76,9 @@ def get_args_parser():
     g.add_argument("--faiss-index", default="flat", choices=["flat", "ivf", "hnsw"],
                    help="flat = exact; ivf/hnsw are approximate and report their recall@k against exact")
     g.add_argument("--chunk-size", type=int, default=None, help="query rows per similarity chunk")
-    g.add_argument("--num-examples", type=int, default=5, help="queries drawn in retrieval_examples.png")
-    g.add_argument("--save-dir", type=Path, default=Path("./results"))
+    g.add_argument("--num-examples", type=int, default=6,
+                   help="queries drawn in retrieval_examples.png (failures first, then successes)")
+    g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     return p
 
@@ -93,15 +104,22 @@ def check_args(args):
     if (args.resume is None) == (args.embeddings is None):
         raise ValueError("give exactly one of --resume CKPT (images are embedded) or --embeddings E.npy")
     if args.embeddings is not None:
+        fill_sidecars(args)
         if args.labels is None:
-            raise ValueError("--embeddings needs --labels L.npy")
-        if (args.gallery_embeddings is None) != (args.gallery_labels is None):
-            raise ValueError("--gallery-embeddings and --gallery-labels go together")
+            raise ValueError(f"--embeddings {args.embeddings}: no labels; {embedding_sidecars(args.embeddings)['labels']} "
+                             f"does not exist, pass --labels L.npy")
+        if args.gallery_labels is not None and args.gallery_embeddings is None:
+            raise ValueError("--gallery-labels needs --gallery-embeddings")
+        if args.gallery_embeddings is not None and args.gallery_labels is None:
+            raise ValueError(f"--gallery-embeddings {args.gallery_embeddings}: no labels; pass --gallery-labels")
         if args.exclude_same_patient and args.patient_ids is None:
-            raise ValueError("--exclude-same-patient needs --patient-ids P.npy")
+            raise ValueError("--exclude-same-patient needs patient ids: --patient-ids P.npy (or X_patient_ids.npy "
+                             "beside the embeddings)")
         if args.exclude_same_patient and args.gallery_embeddings is not None and args.gallery_patient_ids is None:
             raise ValueError("--exclude-same-patient with a gallery needs --gallery-patient-ids")
     else:
+        if not Path(args.resume).is_file():
+            raise ValueError(f"--resume {args.resume}: file not found; give a checkpoint written by train.py")
         if args.test_image_list is None:
             raise ValueError("--resume needs --test-image-list (and --dataset-dir or --test-dataset-dir)")
         if args.dataset_dir is None and args.test_dataset_dir is None:
@@ -115,6 +133,19 @@ def check_args(args):
     results = Path(args.save_dir) / "results.json"
     if results.exists() and not args.overwrite:
         raise ValueError(f"{results} already exists; choose another --save-dir or pass --overwrite to replace it")
+    check_writable_dir(args.save_dir)
+
+
+def fill_sidecars(args):
+    """Default --labels/--image-ids/--patient-ids (and the gallery's) to the files beside the embeddings."""
+    for prefix in ("", "gallery_"):
+        emb = getattr(args, f"{prefix}embeddings")
+        if emb is None:
+            continue
+        side = embedding_sidecars(emb)
+        for key in ("labels", "image_ids", "patient_ids"):
+            if getattr(args, prefix + key) is None and side[key].is_file():
+                setattr(args, prefix + key, side[key])
 
 
 def embeddings_from_checkpoint(args):
@@ -123,13 +154,21 @@ def embeddings_from_checkpoint(args):
     query_dir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
     gallery_dir = args.gallery_dataset_dir or (train_image_dir(args.dataset_dir) if args.dataset_dir else None)
 
+    from model import read_checkpoint
+    # generic lists: the class ids the model was trained with (read once more below with the model; small cost)
+    stored = read_checkpoint(args.resume).get("class_names") if args.dataset == "generic" else None
+    names, extra = resolve_class_names(args.dataset, args.test_image_list, [args.gallery_image_list],
+                                       given=stored if args.dataset == "generic" else None)
+    if extra and stored:
+        print(f"note: classes {extra} of the lists were not in the training list of {args.resume}")
+
     def datasets(transform, check_files):
         q = ImageListDataset(args.test_image_list, query_dir, dataset=args.dataset, transform=transform,
-                             check_files=check_files, cache_dir=args.cache_dir if transform else None)
+                             class_names=names, check_files=check_files, cache_dir=args.cache_dir if transform else None)
         g = None
         if args.gallery_image_list is not None:
             g = ImageListDataset(args.gallery_image_list, gallery_dir, dataset=args.dataset, transform=transform,
-                                 class_names=q.class_names, check_files=check_files,
+                                 class_names=names, check_files=check_files,
                                  cache_dir=args.cache_dir if transform else None)
         return q, g
 
@@ -150,8 +189,8 @@ def embeddings_from_checkpoint(args):
     for ds in [query_ds] + ([gallery_ds] if gallery_ds is not None else []):
         loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
                                              num_workers=args.workers, pin_memory=device.type == "cuda")
-        idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype,
-                                      progress=sys.stderr.isatty())
+        idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype, progress=True,
+                                      desc=f"embedding {ds.list_file.name}")
         rows = np.empty_like(emb)
         rows[idx] = emb
         sets.append({"embeddings": rows,
@@ -166,20 +205,32 @@ def embeddings_from_files(args):
         if e.ndim != 2:
             raise ValueError(f"--{prefix}embeddings {emb}: expected a 2-D (N, D) array, got shape {e.shape}")
         n = len(e)
-        return {"embeddings": e,
-                "labels": _load_npy(lab, f"--{prefix}labels", n, "labels"),
+        labels = _load_npy(lab, f"--{prefix}labels", n, "labels")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"--{prefix}labels {lab}: expected (N,) integer class ids, got {labels.dtype} {labels.shape}")
+        return {"embeddings": e, "labels": labels.astype(np.int64),
                 "image_ids": _load_npy(ids, f"--{prefix}image-ids", n, "ids") if ids else None,
                 "patient_ids": _load_npy(pids, f"--{prefix}patient-ids", n, "ids") if pids else None,
                 "paths": None}
     query = one(args.embeddings, args.labels, args.image_ids, args.patient_ids, "")
+    # class identity travels with the files (X_meta.json): ids are matched by name, never assumed equal
+    names = read_class_names(args.embeddings)
+    if names is not None and args.class_names is not None and list(args.class_names) != names:
+        raise ValueError(f"--class-names {args.class_names} differ from {embedding_sidecars(args.embeddings)['meta']} "
+                         f"({names}); drop the flag")
     gallery = None
     if args.gallery_embeddings is not None:
         gallery = one(args.gallery_embeddings, args.gallery_labels, args.gallery_image_ids,
                       args.gallery_patient_ids, "gallery-")
-    names = None
-    if args.dataset in LABEL_MAPS:
-        lm = LABEL_MAPS[args.dataset]
-        names = sorted(lm, key=lm.get)
+        names, query["labels"], gallery["labels"] = align_class_names(
+            names, query["labels"], read_class_names(args.gallery_embeddings), gallery["labels"],
+            args.embeddings, args.gallery_embeddings)
+    if names is None:
+        # hand-made arrays: the ids are the names unless --class-names says otherwise
+        top = int(max(query["labels"].max(), -1 if gallery is None else gallery["labels"].max()))
+        names = list(args.class_names) if args.class_names else [str(i) for i in range(top + 1)]
+        if top >= len(names) or min(query["labels"].min(), 0 if gallery is None else gallery["labels"].min()) < 0:
+            raise ValueError(f"label ids 0..{top} do not fit --class-names {names}; give one name per id")
     return query, gallery, names
 
 
@@ -228,19 +279,35 @@ def plot_confusion(cm, names, k, path):
     plt.close(fig)
 
 
+def example_queries(ranking, num, seed):
+    """Seeded example queries: failures (top-1 not relevant) first, up to half, then successes.
+
+    Random draws alone show only successes on an easy set; a reader needs to see what goes wrong.
+    Returns (query indices, is_failure flags).
+    """
+    rng = np.random.default_rng(seed)
+    miss = np.flatnonzero(~ranking.relevant[:, 0])
+    hit = np.flatnonzero(ranking.relevant[:, 0])
+    n_miss = min(len(miss), max(num // 2, num - len(hit)))
+    qs = list(rng.permutation(miss)[:n_miss]) + list(rng.permutation(hit)[:num - n_miss])
+    return np.array(qs, dtype=np.int64), np.array([i < n_miss for i in range(len(qs))])
+
+
 def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
-    """A few seeded queries with their top-k; green frame = relevant, red = not."""
+    """Example queries with their top-k, failures first; titles give image and patient ids.
+    Green frame = relevant (same label), red = not."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rng = np.random.default_rng(seed)
-    qs = np.sort(rng.choice(len(query["labels"]), size=min(num, len(query["labels"])), replace=False))
+    qs, failed = example_queries(ranking, min(num, len(query["labels"])), seed)
+    if not len(qs):
+        return
     k = min(k, ranking.indices.shape[1])
-    fig, axes = plt.subplots(len(qs), k + 1, figsize=(2 * (k + 1), 2.3 * len(qs)), squeeze=False)
+    fig, axes = plt.subplots(len(qs), k + 1, figsize=(2.1 * (k + 1), 2.9 * len(qs) + 0.4), squeeze=False)
 
     def show(ax, p, title, color):
         ax.imshow(load_image(p).convert("L"), cmap="gray")
-        ax.set_title(title, fontsize=8, color=color)
+        ax.set_title(title, fontsize=7, color=color)
         ax.set_xticks([])
         ax.set_yticks([])
         for s in ax.spines.values():
@@ -248,13 +315,18 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
             s.set_linewidth(3)
 
     name = lambda c: names[c] if names is not None and c < len(names) else str(c)  # noqa: E731
-    for row, qi in zip(axes, qs):
-        show(row[0], query["paths"][qi], f"query: {name(query['labels'][qi])}", "black")
+    short = lambda t: t if len(t) <= 20 else f"{t[:9]}~{t[-9:]}"  # noqa: E731 (UUID-like ids fit a panel)
+    ident = lambda s, i: f"{short(str(s['image_ids'][i]))}\npatient {short(str(s['patient_ids'][i]))}"  # noqa: E731
+    for row, qi, bad in zip(axes, qs, failed):
+        show(row[0], query["paths"][qi], f"{'FAILURE' if bad else 'success'} query: {name(query['labels'][qi])}\n"
+             f"{ident(query, qi)}", "black")
         for j in range(k):
             gi = ranking.indices[qi, j]
             rel = bool(ranking.relevant[qi, j])
             show(row[j + 1], gallery["paths"][gi], f"{j + 1}: {name(gallery['labels'][gi])} "
-                 f"{ranking.sims[qi, j]:.3f}", "green" if rel else "red")
+                 f"{ranking.sims[qi, j]:.3f}\n{ident(gallery, gi)}", "green" if rel else "red")
+    fig.suptitle(f"{int(failed.sum())} failures (top-1 of another class) and {int((~failed).sum())} successes, "
+                 f"seed {seed}; green = same class as the query, red = not", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -262,8 +334,8 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
 
 def run(args):
     check_args(args)
-    save_dir = ensure_writable_dir(args.save_dir)
     print_args(args)
+    set_seed(args.seed)
     if args.resume is not None:
         query, gallery, names = embeddings_from_checkpoint(args)
     else:
@@ -307,10 +379,17 @@ def run(args):
         hit = [len(set(a[:k]) & set(b[:k])) for a, b in zip(ranking.indices, exact.indices)]
         res[f"faiss_recall@{k}"] = float(np.mean(hit) / k)
         print(f"faiss {args.faiss_index}: recall@{k} against exact search {res[f'faiss_recall@{k}']:.4f}")
+    over = res.get("vote_k_above_smallest_class")
+    if over:
+        sc = res["smallest_class_gallery"]
+        print(f"warning: vote@k for k = {over} exceeds the {sc['relevant_images']} gallery images of class "
+              f"{sc['class']!r} (after exclusions): those votes cannot be won by that class alone, so their "
+              f"accuracy is low by construction; compare vote@k only for k <= {sc['relevant_images']}")
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))
 
+    save_dir = ensure_writable_dir(args.save_dir)  # created only now: a failed run leaves no empty folder
     np.savez(save_dir / "embeddings.npz", embeddings=np.asarray(query["embeddings"], np.float32),
              labels=np.asarray(query["labels"]),
              image_ids=query["image_ids"] if query["image_ids"] is not None else np.arange(len(query["labels"])),

@@ -17,6 +17,10 @@ CPU (slow: tiny backbones and small images):
         --vit-backbone vit_tiny_patch16_224 --img-size 96 --no-pretrained ...
 
 Resume an interrupted run (same command plus):  --resume checkpoints/RUN/RUN_last_ckpt.pth
+    Ctrl-C prints that exact command. A resumed run must keep every flag that changes the optimisation
+    (--lr, --weight-decay, --backbone-lr-mult, --margin, --mining, -p, -k, --accum-steps, ...): a change is
+    refused, naming the flag and both values. --epochs may grow: the cosine schedule is then rebuilt for the
+    new horizon from the restored epoch (lr(e) = lr * 0.5 * (1 + cos(pi * e / epochs))), and the log says so.
 
 Outputs go to --save-dir/RUN with RUN = {dataset}_{model}_embed_{dim}_seed_{seed}: args.json, log.jsonl
 (one JSON line per epoch), RUN_last_ckpt.pth (every epoch), RUN_best_ckpt.pth (best validation mAP),
@@ -29,6 +33,7 @@ import importlib.util
 import json
 import math
 import resource
+import shlex
 import sys
 import time
 import warnings
@@ -37,8 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-
 import dataset as ds
 import model as M
 import utils
@@ -47,6 +50,14 @@ from metrics import candidate_counts, evaluate as retrieval_evaluate
 
 REPO = Path(__file__).resolve().parent
 OUTPUTS = ("args.json", "log.jsonl", "training_curves.png", "results.json")
+# Flags that change what is optimised or how: a resumed run must keep them (args key -> flag).
+OPTIMISATION_FLAGS = {
+    "lr": "--lr", "weight_decay": "--weight-decay", "backbone_lr_mult": "--backbone-lr-mult", "margin": "--margin",
+    "mining": "--mining", "labels_per_batch": "-p/--labels-per-batch", "samples_per_label": "-k/--samples-per-label",
+    "accum_steps": "--accum-steps", "clip_grad": "--clip-grad", "iters_per_epoch": "--iters-per-epoch",
+    "rand_resize": "--rand-resize", "amp": "--amp", "seed": "--seed", "dataset": "--dataset",
+    "val_fraction": "--val-fraction", "exclude_same_patient": "--exclude-same-patient",
+}
 SELECTION_METRIC = "mAP"  # validation mAP (full ranking, leave-one-out, self excluded) picks the best checkpoint
 # Weight sources are not architecture: a resumed model is rebuilt without them (its weights come from the file).
 WEIGHT_KEYS = ("pretrained", "pretrained_weights", "convnext_weights", "vit_weights")
@@ -64,35 +75,37 @@ DEMO = dict(model="hybrid_convnext_vit", convnext_backbone="convnextv2_atto", vi
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train a retrieval embedding with P x K triplet batches", add_help=True,
-                                     parents=[M.get_model_parser(), ds.get_data_parser()])
+                                     parents=[M.get_model_parser(), ds.get_data_parser()],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("training")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="patient-disjoint share of the training list used for validation (without --val-image-list)")
     g.add_argument("-p", "--labels-per-batch", type=int, default=3, help="P: distinct classes per batch")
-    g.add_argument("-k", "--samples-per-label", type=int, default=None, help="K: images per class per batch (16)")
+    g.add_argument("-k", "--samples-per-label", type=int, default=None,
+                   help="K: images per class per batch (16 unless --batch-size sets it)")
     g.add_argument("--batch-size", type=int, default=None, help="alternative to -k: k = batch_size / p")
-    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--epochs", type=int, default=30, help="training epochs (cosine lr schedule over them)")
     g.add_argument("--iters-per-epoch", type=int, default=None,
                    help="optimizer steps per epoch (default: ceil(N / (p*k*world_size*accum_steps)))")
     g.add_argument("--lr", type=float, default=1e-4, help="lr of new layers (MXA, fusion, projection heads)")
     g.add_argument("--backbone-lr-mult", type=float, default=0.1, help="pretrained backbones train at lr * this")
     g.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 weight decay")
-    g.add_argument("--margin", type=float, default=0.2)
-    g.add_argument("--mining", choices=MINING, default="batch_hard")
+    g.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")
+    g.add_argument("--mining", choices=MINING, default="batch_hard", help="triplet mining within a P x K batch")
     g.add_argument("--rand-resize", action="store_true", help="RandomResizedCrop instead of CenterCrop in training")
     g.add_argument("--eval-freq", type=int, default=1, help="validate every N epochs (and after the last)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--eval-batch-size", type=int, default=64, help="images per batch when embedding val/test")
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="validation and test retrieval drop gallery images of the query's own patient "
                         "(as test.py --exclude-same-patient); without it they count as matches")
     g.add_argument("--save-freq", type=int, default=10, help="keep an _epoch_E_ checkpoint every N epochs")
-    g.add_argument("--save-dir", type=Path, default=Path("checkpoints"))
+    g.add_argument("--save-dir", type=Path, default=Path("checkpoints"), help="parent folder of the run folder")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
     g.add_argument("--resume", type=Path, default=None, help="a _last_ (or _epoch_E_) checkpoint to continue from")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds sampling, augmentation, init and the val split")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA when supported, off on CPU; fp16 uses a GradScaler")
-    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPUs)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--accum-steps", type=int, default=1, help="P x K batches per optimizer step")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (the plain module is saved)")
@@ -113,6 +126,8 @@ def parse_args(argv=None):
     if args.demo:
         parser.set_defaults(**DEMO)
         args = parser.parse_args(argv)
+    # the command line as typed, for the resume hint after Ctrl-C (not an argument: kept out of args.json)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     return args
 
 
@@ -195,7 +210,53 @@ def param_groups(model, lr, backbone_lr_mult, weight_decay):
 
 
 def plain_args(args):
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def check_resume_args(path, ckpt, args):
+    """Refuse a resume that changes the optimisation: the run would silently mix two recipes."""
+    stored, now = ckpt["args"], plain_args(args)
+    changed = [f"{flag} {stored[k]!r} (checkpoint) vs {now[k]!r} (now)"
+               for k, flag in OPTIMISATION_FLAGS.items() if k in stored and stored[k] != now.get(k)]
+    if changed:
+        raise ValueError(f"--resume {path}: these flags differ from the run being resumed: {'; '.join(changed)}. "
+                         f"Resume with the run's own values, or start a new run (another --save-dir or --seed) "
+                         f"to train with the new ones")
+
+
+def check_epochs_left(path, ckpt, args):
+    done = int(ckpt["epoch"])
+    if args.epochs <= done:
+        raise ValueError(f"--resume {path}: the checkpoint has already trained {done} epochs and --epochs is "
+                         f"{args.epochs}; nothing is left to train. Pass --epochs N > {done} to train longer "
+                         f"(the cosine schedule is rebuilt for the new horizon), or use test.py to evaluate it")
+
+
+def check_trainable(model, args):
+    """A run with nothing to optimise is refused before any folder is made."""
+    if any(p.requires_grad for p in model.parameters()):
+        return
+    raise ValueError(f"--model {model.model_name} with --freeze-backbone has no trainable parameters (the optimizer "
+                     f"would get an empty parameter list). Add a trainable head: --embedding-dim D (a projection; "
+                     f"with --model conceptclip also --conceptclip-head), keep the MXA block (drop --no-mxa; "
+                     f"conv backbones), or drop --freeze-backbone. To embed images with the frozen model as it "
+                     f"is, use extract_embeddings.py")
+
+
+def resume_command(args, checkpoint):
+    """The exact command that continues this run from `checkpoint`."""
+    argv, out, skip = list(getattr(args, "_argv", [])), [], False
+    for a in argv:  # drop an earlier --resume X / --resume=X
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if not a.startswith("--resume="):
+            out.append(a)
+    prefix = "torchrun ... train.py" if utils.is_dist() else "python train.py"
+    return f"{prefix} {shlex.join(out + ['--resume', str(checkpoint)])}"
 
 
 def peak_memory_mb(device):
@@ -206,10 +267,11 @@ def peak_memory_mb(device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def evaluate(model, dataset, device, args, amp_dtype):
+def evaluate(model, dataset, device, args, amp_dtype, desc="embedding"):
     """Leave-one-out retrieval on one dataset (every image a query, self excluded; relevant = same label)."""
     loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
-    _, emb = M.compute_embeddings(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last)
+    _, emb = M.compute_embeddings(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                                  progress=utils.is_main_process(), desc=desc)
     cand, _ = candidate_counts(dataset.labels, query_groups=dataset.patient_ids,
                                exclude_same_group=args.exclude_same_patient)
     k_values = [k for k in (1, 5, 10) if k <= cand.min()] or [1]  # tiny validation splits have < 10 neighbours
@@ -229,19 +291,31 @@ def print_table(before, after, keys=("R@1", "R@5", "mAP")):
             print(f"{k:<8}{fmt(before[k]):>10}{fmt(after[k]):>10}")
 
 
-def plot_curves(history, path):
+def plot_curves(history, path, best_epoch=None, title=""):
+    """Loss and active-triplet fraction; validation R@1/mAP with the selected (best) epoch marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.plot(ep, [h["loss"] for h in history], "o-", label="triplet loss")
-    a.plot(ep, [h["active_fraction"] for h in history], "s--", label="active triplets")
-    a.set_xlabel("epoch"), a.legend(), a.grid(alpha=.3)
+    a.plot(ep, [h["active_fraction"] for h in history], "s--", label="active triplet fraction")
+    a.set(xlabel="epoch", ylabel="loss / fraction of triplets", title="training")
+    a.legend(), a.grid(alpha=.3)
     val = [h for h in history if "val_mAP" in h]
     for key in ("val_R@1", "val_mAP"):
-        b.plot([h["epoch"] for h in val], [h[key] for h in val], "o-", label=key)
-    b.set_xlabel("epoch"), b.set_ylim(0, 1), b.legend(), b.grid(alpha=.3)
+        b.plot([h["epoch"] for h in val], [h[key] for h in val], "o-", label=key, clip_on=False)
+    if best_epoch is not None:
+        b.axvline(best_epoch, color="green", linestyle=":", label=f"selected: epoch {best_epoch}")
+        row = next((h for h in val if h["epoch"] == best_epoch), None)
+        if row is not None:
+            b.plot([best_epoch], [row[f"val_{SELECTION_METRIC}"]], "*", color="green", markersize=14)
+    # a little room above 1.0 so a saturated curve stays visible instead of running along the frame
+    b.set(xlabel="epoch", ylabel="validation metric (fraction)", title=f"validation (selection: val {SELECTION_METRIC})",
+          ylim=(-0.02, 1.05))
+    b.legend(), b.grid(alpha=.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(".tmp_" + path.name)
     fig.savefig(tmp, dpi=100)
@@ -259,7 +333,8 @@ def train_one_epoch(fwd_model, model, loader, criterion, optimizer, scaler, devi
     it = iter(loader)
     tot_loss = tot_frac = 0.0
     n_img, t0 = 0, time.time()
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not (utils.is_main_process() and sys.stderr.isatty()))
+    # a bar on a terminal, a line every 30 s otherwise: a slow epoch is never silent
+    bar = utils.Progress(range(steps), desc=f"epoch {epoch}", unit="steps", enabled=utils.is_main_process())
     for step in bar:
         for micro in range(args.accum_steps):
             images, labels, _ = next(it)
@@ -304,17 +379,32 @@ def main(args):
     try:
         run = setup(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"train.py: error: {e}", file=sys.stderr)
         utils.cleanup_distributed()
         return 2
     try:
         return fit(args, *run)
+    except KeyboardInterrupt:
+        # one line a person can act on instead of a traceback: where the last checkpoint is, how to go on
+        run_dir, stem = run[-2], run[-1]
+        last = run_dir / f"{stem}_last_ckpt.pth"
+        if utils.is_main_process():
+            if last.is_file():
+                done = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+                print(f"\ninterrupted; the last checkpoint is {last} (epoch {done} done). Continue with:\n"
+                      f"  {resume_command(args, last)}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted before the first epoch ended: no checkpoint yet in {run_dir}. Start again with "
+                      f"the same command plus --overwrite", file=sys.stderr)
+        return 130
     finally:
         utils.cleanup_distributed()
 
 
 def setup(args):
     """Every check that can fail on bad input, before anything is written or trained."""
+    if args.resume is not None and not Path(args.resume).is_file():  # the cheapest check first
+        raise ValueError(f"--resume {args.resume}: file not found; give a _last_ or _epoch_E_ checkpoint of the run")
     distributed = utils.init_distributed()
     if args.demo:
         prepare_demo(args)
@@ -325,25 +415,36 @@ def setup(args):
     if distributed and device.type == "cuda":
         device = torch.device("cuda", utils.get_local_rank())
     amp_dtype = resolve_amp(args.amp, device)
+    utils.check_writable_dir(args.save_dir)
+    ckpt = read_resume(args.resume) if args.resume else None
+    if ckpt is not None:
+        check_resume_args(args.resume, ckpt, args)
     utils.set_seed(args.seed)
 
     name, model_args = M.model_args_from_cli(args)
-    ckpt = read_resume(args.resume) if args.resume else None
     build_args = dict(model_args)
     if ckpt is not None:  # the weights come from the checkpoint: never download or read backbone files again
         build_args.update({k: (False if k == "pretrained" else None) for k in WEIGHT_KEYS if k in build_args})
     model = M.build_model(name, **build_args)
     if ckpt is not None:
         check_same_model(args.resume, ckpt, model)
+        check_epochs_left(args.resume, ckpt, args)
         model.model_args = dict(ckpt["model_args"])  # keep the provenance the run was started with
+    check_trainable(model, args)
 
-    # data: train (+ patient-disjoint val split or val list), test
+    # data: train (+ patient-disjoint val split or val list), test. One class order for all lists: the
+    # training list's (generic: sorted names, then names only val/test use), stored in the checkpoint.
     tr_dir = ds.train_image_dir(args.dataset_dir)
     train_tf = M.get_transform(model, train=True, rand_resize=args.rand_resize)
     eval_tf = M.get_transform(model, train=False)
+    classes, extra = ds.resolve_class_names(args.dataset, args.train_image_list,
+                                            [args.val_image_list, args.test_image_list],
+                                            given=ckpt.get("class_names") if ckpt is not None else None)
+    if extra and utils.is_main_process():
+        print(f"note: classes {extra} are in the validation/test lists but not in the training list; they get "
+              f"ids {len(classes) - len(extra)}..{len(classes) - 1}")
     train_set = ds.ImageListDataset(args.train_image_list, tr_dir, args.dataset, transform=train_tf,
-                                    cache_dir=args.cache_dir)
-    classes = train_set.class_names
+                                    class_names=classes, cache_dir=args.cache_dir)
     val_set = None
     if args.val_image_list is not None:
         val_set = ds.ImageListDataset(args.val_image_list, tr_dir, args.dataset, transform=eval_tf, class_names=classes)
@@ -366,16 +467,53 @@ def setup(args):
                            num_batches=steps * args.accum_steps, seed=args.seed, rank=utils.get_rank(),
                            world_size=utils.get_world_size())
 
-    # outputs: one folder per run, never clobbered by accident
+    # outputs: one folder per run, never clobbered by accident; created in fit(), after every check
     stem = f"{args.dataset}_{name}_embed_{model.embedding_dim}_seed_{args.seed}"
     run_dir = Path(args.save_dir) / stem
-    utils.ensure_writable_dir(args.save_dir)
     # every rank checks (same files, same answer): an error on rank 0 alone would leave the others waiting
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
         raise ValueError(f"run folder {run_dir} already holds a run; pass --resume {run_dir / (stem + '_last_ckpt.pth')} "
                          f"to continue it, --overwrite to replace it, or another --save-dir/--seed")
     utils.barrier()
     return device, amp_dtype, model, ckpt, train_set, val_set, test_set, sampler, steps, run_dir, stem
+
+
+def reconcile_best(run_dir, stem, ckpt, history):
+    """On resume, make RUN_best_ckpt.pth the best checkpoint of the resumed history, not a later run's.
+
+    Resuming from an _epoch_E_ file into a folder whose _best_ file came from an epoch after E (an abandoned
+    continuation) would otherwise test that stale file at the end. The stale file is kept under another name.
+    Returns (best_metric, best_epoch) to continue the selection with.
+    """
+    best, best_epoch, epoch = ckpt["best_metric"], ckpt["best_epoch"], int(ckpt["epoch"])
+    path = run_dir / f"{stem}_best_ckpt.pth"
+    on_disk = torch.load(path, map_location="cpu", weights_only=True)["epoch"] if path.is_file() else None
+    if on_disk is not None and on_disk == best_epoch:
+        return best, best_epoch
+    if on_disk is not None:
+        stale = run_dir / f"{stem}_stale_best_epoch_{on_disk}_ckpt.pth"
+        path.replace(stale)
+        print(f"note: {path.name} held epoch {on_disk}, not the best epoch ({best_epoch}) of the history resumed "
+              f"from epoch {epoch}; kept as {stale.name}")
+    if best_epoch is None:
+        return best, best_epoch
+    source = ckpt if best_epoch == epoch else None
+    epoch_file = run_dir / f"{stem}_epoch_{best_epoch}_ckpt.pth"
+    if source is None and epoch_file.is_file():
+        source = torch.load(epoch_file, map_location="cpu", weights_only=True)
+        source = source if source.get("epoch") == best_epoch else None
+    if source is None:
+        # the best weights of this history are on no file any more: selection restarts at the resumed epoch
+        row = next((h for h in history if h["epoch"] == epoch), {})
+        best = row.get(f"val_{SELECTION_METRIC}", -1.0)
+        best_epoch = epoch if f"val_{SELECTION_METRIC}" in row else None
+        print(f"warning: the weights of epoch {ckpt['best_epoch']} (best val {SELECTION_METRIC} of the resumed "
+              f"history) are in no file of {run_dir}; model selection restarts from epoch {epoch}")
+        source = ckpt if best_epoch is not None else None
+    if source is not None:
+        source = dict(source, best_metric=best, best_epoch=best_epoch)
+        utils.atomic_torch_save(source, path)
+    return best, best_epoch
 
 
 def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, sampler, steps, run_dir, stem):
@@ -399,7 +537,8 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
     groups = param_groups(model, args.lr, args.backbone_lr_mult, args.weight_decay)
     optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
     epochs = args.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+    lr_factor = lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))  # noqa: E731 (cosine over --epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = TripletLoss(args.margin, args.mining)
 
@@ -408,16 +547,27 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # The optimizer holds the lr the OLD horizon gave for the next epoch (0 when that run had finished).
+        # Recompute it from the restored step on the current --epochs: the same number when the horizon is
+        # unchanged (so resume stays exact), the rebuilt schedule's when --epochs grew.
+        for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            g["lr"] = base * lr_factor(scheduler.last_epoch)
         scaler.load_state_dict(ckpt["scaler"])
         utils.set_rng_states(ckpt["rng_states"])
         start_epoch, best, best_epoch = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"]
         history, before = list(ckpt.get("history", [])), ckpt.get("before_training")
         if main_proc:
-            print(f"resumed from {args.resume} (epoch {ckpt['epoch']}, best val {SELECTION_METRIC} {best:.4f})")
+            print(f"resumed from {args.resume} (epoch {ckpt['epoch']}, best val {SELECTION_METRIC} {best:.4f}"
+                  f"{'' if best_epoch is None else f' at epoch {best_epoch}'})")
+            old_epochs = ckpt["args"].get("epochs")
+            if old_epochs is not None and old_epochs != args.epochs:
+                print(f"--epochs changed from {old_epochs} to {args.epochs}: the cosine schedule is rebuilt for "
+                      f"{args.epochs} epochs from epoch {start_epoch} (lr now {optimizer.param_groups[-1]['lr']:.3g})")
+            best, best_epoch = reconcile_best(run_dir, stem, ckpt, history)
     if main_proc:  # log.jsonl is rebuilt from the checkpoint's history: lines of a lost epoch are dropped
         utils.atomic_write_text(run_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     if args.demo and before is None and test_set is not None and main_proc:
-        before = evaluate(model, test_set, device, args, amp_dtype)
+        before = evaluate(model, test_set, device, args, amp_dtype, desc="untrained model on the test list")
         print(f"untrained model on the test list: R@1 {fmt(before['R@1'])}  mAP {fmt(before['mAP'])}")
 
     fwd_model = model
@@ -428,7 +578,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
     if args.compile:
         fwd_model = torch.compile(fwd_model)
 
-    ckpt_path = lambda tag: run_dir / f"{stem}_{tag}_ckpt.pth"
+    ckpt_path = lambda tag: run_dir / f"{stem}_{tag}_ckpt.pth"  # noqa: E731
     for epoch in range(start_epoch, args.epochs + 1):
         # all randomness of an epoch (sampler, augmentation, worker seeds) derives from (seed, epoch, rank),
         # so a resumed run repeats exactly what an uninterrupted one would have done
@@ -444,7 +594,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
         scheduler.step()
         row = dict(epoch=epoch, **stats, lr=lr)
         if main_proc and val_set is not None and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-            val = evaluate(model, val_set, device, args, amp_dtype)
+            val = evaluate(model, val_set, device, args, amp_dtype, desc=f"epoch {epoch} validation")
             row.update({f"val_{k}": float(val[k]) for k in ("R@1", "R@5", "R@10", "mAP", "mAP@10") if val.get(k) is not None})
         row.update(time_s=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         if main_proc:
@@ -457,7 +607,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
                 model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch, best_metric=best, best_epoch=best_epoch,
                 selection_metric=f"val {SELECTION_METRIC}", args=plain_args(args), rng_states=utils.get_rng_states(),
-                history=history, before_training=before)
+                history=history, before_training=before, class_names=list(train_set.class_names))
             utils.atomic_torch_save(state, ckpt_path("last"))
             if improved:
                 utils.atomic_torch_save(state, ckpt_path("best"))
@@ -465,19 +615,26 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
                 utils.atomic_torch_save(state, ckpt_path(f"epoch_{epoch}"))
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            plot_curves(history, run_dir / "training_curves.png")
+            plot_curves(history, run_dir / "training_curves.png", best_epoch, title=stem)
             val_txt = "".join(f"  {k} {row[k]:.4f}" for k in ("val_R@1", "val_mAP") if k in row)
             print(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  active {row['active_fraction']:.3f}  "
                   f"lr {lr:.2e}{val_txt}  {row['img_per_s']:.1f} img/s  {row['time_s']:.0f}s"
-                  + ("  *best*" if improved else ""))
+                  + ("  *best*" if improved else ""), flush=True)
         utils.barrier()
 
     if main_proc and test_set is not None:
-        # the test list is used once, at the end, with the checkpoint chosen on validation
+        # the test list is used once, at the end, with the checkpoint chosen on validation in THIS history
         chosen = ckpt_path("best") if best_epoch is not None else ckpt_path("last")
         final = torch.load(chosen, map_location="cpu", weights_only=True)
+        expected = best_epoch if best_epoch is not None else args.epochs
+        if final["epoch"] != expected:
+            raise RuntimeError(f"{chosen} holds epoch {final['epoch']} but this run's selected epoch is {expected}; "
+                               f"refusing to test another run's weights")
         model.load_state_dict(final["model"])
-        res = evaluate(model, test_set, device, args, amp_dtype)
+        how = (f"best val {SELECTION_METRIC} {best:.4f} of epochs 1-{args.epochs}" if best_epoch is not None
+               else "last epoch: no validation")
+        print(f"testing {chosen} (epoch {final['epoch']}, {how})")
+        res = evaluate(model, test_set, device, args, amp_dtype, desc="test")
         out = dict(checkpoint=chosen.name, epoch=final["epoch"], selection=f"val {SELECTION_METRIC}",
                    test_image_list=str(args.test_image_list), **res)
         if before is not None:

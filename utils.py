@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, device choice, distributed set-up, atomic file writes.
+"""Small shared helpers: seeding, device choice, distributed set-up, atomic file writes, progress.
 
 Kept deliberately small: model code lives in model.py, data code in dataset.py, metrics in metrics.py.
 """
@@ -7,7 +7,9 @@ import json
 import os
 import random
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,9 @@ def _atomic_replace(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600 and the rename keeps that: give it the mode a plain open() would,
+        # so colleagues on a shared server can read results as the user's umask allows
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -142,6 +147,13 @@ def _atomic_replace(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask():
+    """The process umask (os.umask can only be read by setting it, so set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj, path):
@@ -160,6 +172,26 @@ def save_json(obj, path):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def check_writable_dir(path, flag="--save-dir"):
+    """Check that `path` is (or could be created as) a writable folder, creating nothing.
+
+    Scripts call this before any work and create the folder only when they write, so a run that fails
+    on bad input leaves no empty folder behind.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder; choose a folder path")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write there ({probe} is not a writable folder); "
+                         f"choose a writable folder")
+    return path
+
+
 def ensure_writable_dir(path, flag="--save-dir"):
     """Create `path` if needed and check that files can be written there; raise ValueError naming `flag`."""
     path = Path(path)
@@ -170,6 +202,73 @@ def ensure_writable_dir(path, flag="--save-dir"):
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable folder") from e
     return path
+
+
+# ----------------------------------------------------------------------------- machine and progress
+
+def available_cpus():
+    """CPU cores this process may run on (its affinity mask, e.g. a cluster job's share), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS, Windows
+        return max(os.cpu_count() or 1, 1)
+
+
+def default_workers(cap=4):
+    """Data-loader workers: up to `cap`, never more than the cores this process has (torch warns above)."""
+    return min(cap, available_cpus())
+
+
+PROGRESS_EVERY_S = 30  # without a terminal: one progress line at most this often
+
+
+class Progress:
+    """Progress of a long loop a person can follow: a tqdm bar on a terminal, else a line every
+    PROGRESS_EVERY_S seconds (logs, nohup, a batch job), so a slow run never looks hung.
+
+    for batch in Progress(loader, desc="epoch 3", total=len(loader)): ...
+    bar.set_postfix(loss=...) is kept and shown in the next line.
+    """
+
+    def __init__(self, iterable, desc="", total=None, unit="it", enabled=True, every_s=None, stream=None):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.postfix = {}
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self._bar = tqdm(iterable, desc=desc, total=self.total, unit=unit, file=self.stream)
+
+    def set_postfix(self, **kw):
+        self.postfix = kw
+        if self._bar is not None:
+            self._bar.set_postfix(**kw)
+
+    def _line(self, done, t0):
+        el = time.time() - t0
+        of = f"/{self.total}" if self.total else ""
+        pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
+        eta = f", ~{el / done * (self.total - done):.0f} s left" if self.total and done else ""
+        extra = "".join(f"  {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: {done}{of} {self.unit}{pct}, {el:.0f} s elapsed{eta}{extra}", file=self.stream, flush=True)
+
+    def __iter__(self):
+        if self._bar is not None:
+            yield from self._bar
+            return
+        t0 = last = time.time()
+        done = 0
+        for item in self.iterable:
+            yield item
+            done += 1
+            now = time.time()
+            if self.enabled and now - last >= self.every_s and (self.total is None or done < self.total):
+                self._line(done, t0)
+                last = now
 
 
 # ----------------------------------------------------------------------------- run info

@@ -277,9 +277,20 @@ def test_image_dir_rule(tmp_path):
     assert test_image_dir(str(tmp_path)) == tmp_path / "test"
 
 
-def test_data_parser_defaults():
+def test_data_parser_defaults(monkeypatch):
     args = dataset.get_data_parser().parse_args([])
-    assert args.dataset == "covid" and args.workers == 4 and args.cache_dir is None
+    assert args.dataset == "covid" and args.cache_dir is None
+    # workers: up to 4, never more than the cores this process may use (torch warns above that)
+    import utils
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert dataset.get_data_parser().parse_args([]).workers == 2
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert dataset.get_data_parser().parse_args([]).workers == 4
+    # a script gets only the list flags it reads
+    only_test = dataset.get_data_parser(lists=("test",))
+    assert only_test.parse_args([]).test_image_list is None
+    with pytest.raises(SystemExit):
+        only_test.parse_args(["--train-image-list", "t.txt"])
     assert args.dataset_dir is None and args.train_image_list is None and args.test_dataset_dir is None
     a = dataset.get_data_parser().parse_args(["--dataset", "generic", "--val-image-list", "v.txt"])
     assert a.dataset == "generic" and a.val_image_list == Path("v.txt")

@@ -109,3 +109,19 @@ def test_torchrun_two_cpu_ranks_equal_one_process(demo_data, tiny_ckpt, single, 
             np.testing.assert_allclose(a, b, atol=1e-5)
         else:
             np.testing.assert_array_equal(a, b)
+
+
+def test_untrained_model_is_seeded_and_the_seed_recorded(demo_data, tmp_path):
+    a, b, c = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "c.npy"
+    assert run(demo_data, a, *TINY) == 0
+    assert run(demo_data, b, *TINY) == 0
+    assert run(demo_data, c, *TINY, "--seed", "1") == 0
+    assert np.array_equal(np.load(a), np.load(b)) and not np.array_equal(np.load(a), np.load(c))
+    assert json.loads((tmp_path / "a_meta.json").read_text())["seed"] == 0
+
+
+def test_unknown_backbone_leaves_no_output_folder(demo_data, tmp_path):
+    out = tmp_path / "new" / "x.npy"
+    with pytest.raises(ValueError, match="unknown timm model"):
+        run(demo_data, out, "--model", "timm", "--backbone", "no_such_net_v9")
+    assert not out.parent.exists()

@@ -89,8 +89,8 @@ def test_bad_input_is_one_line_error(npy_files, tmp_path, capsys):
          "has 59 labels but the embeddings have 60"),
         (["--embeddings", tmp_path / "nan.npy", "--labels", p["lab"]], "1 of 60 rows contain NaN"),
         (["--embeddings", p["emb"], "--labels", p["lab"], "--k-values", 1, 60], "k = 60 is larger than the gallery"),
-        (["--embeddings", p["emb"], "--labels", p["lab"], "--exclude-same-patient"], "needs --patient-ids"),
-        (["--embeddings", p["emb"]], "needs --labels"),
+        (["--embeddings", tmp_path / "nan.npy", "--labels", p["lab"], "--exclude-same-patient"], "needs patient ids"),
+        (["--embeddings", tmp_path / "nan.npy"], "nan_labels.npy does not exist, pass --labels"),
         ([], "exactly one of --resume"),
         (["--embeddings", tmp_path / "missing.npy", "--labels", p["lab"]], "file not found"),
     ]
@@ -153,3 +153,81 @@ def test_from_checkpoint(demo_data, tmp_path, capsys):
     assert "--embedding-dim 32" in capsys.readouterr().err
     assert run(common + ["--k-values", 1, 100, "--save-dir", tmp_path / "x"]) == 2
     assert "k = 100 is larger" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- class identity, defaults, warnings
+
+def _set(tmp_path, name, emb, labels, class_names=None):
+    np.save(tmp_path / f"{name}.npy", np.asarray(emb, np.float32))
+    np.save(tmp_path / f"{name}_labels.npy", np.asarray(labels, np.int64))
+    if class_names is not None:
+        (tmp_path / f"{name}_meta.json").write_text(json.dumps({"class_names": class_names}))
+    return tmp_path / f"{name}.npy"
+
+
+def test_separately_extracted_sets_are_matched_by_class_name(tmp_path, capsys):
+    e = np.eye(3)
+    # gallery numbers a, b, c as 0, 1, 2; the queries (no class a) number b, c as 0, 1
+    g = _set(tmp_path, "g", e[[0, 0, 1, 1, 2, 2]], [0, 0, 1, 1, 2, 2], ["a", "b", "c"])
+    q = _set(tmp_path, "q", e[[1, 2]], [0, 1], ["b", "c"])
+    out = tmp_path / "res"
+    assert run(["--embeddings", q, "--gallery-embeddings", g, "--save-dir", out, "--bootstrap", 0,
+                "--k-values", 1]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["R@1"] == 1.0 and res["mAP"] == 1.0  # by raw ids it would be 0: b (0) vs b (1)
+    assert set(res["per_class"]) == {"b", "c"}
+    # one set with names and one without cannot be matched: an error naming both files
+    (tmp_path / "q_meta.json").unlink()
+    assert run(["--embeddings", q, "--gallery-embeddings", g, "--save-dir", tmp_path / "x", "--k-values", 1]) == 2
+    err = capsys.readouterr().err
+    assert str(q) in err and str(g) in err and not (tmp_path / "x").exists()
+
+
+def test_sibling_files_and_names_from_meta_and_vote_warning(npy_files, tmp_path, capsys):
+    p, emb, labels = npy_files
+    (tmp_path / "e_meta.json").write_text(json.dumps({"class_names": ["normal", "pneumonia", "COVID-19"]}))
+    out = tmp_path / "res"
+    assert run(["--embeddings", p["emb"], "--save-dir", out, "--bootstrap", 0]) == 0  # labels, ids, patients found
+    printed = capsys.readouterr().out
+    assert "60 of 60 queries have another image of the same patient" in printed
+    # 20 images per class, leave-one-out: 19 relevant, so vote@20 cannot be won by a class alone
+    assert "vote@k for k = [20] exceeds the 19 gallery images" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["per_class"]) == {"normal", "pneumonia", "COVID-19"}
+    assert set(res["vote"]["5"]["per_class"]) == {"normal", "pneumonia", "COVID-19"}
+    assert res["vote_k_above_smallest_class"] == [20] and res["smallest_class_gallery"]["relevant_images"] == 19
+    # hand-made arrays without a meta file keep their integer ids as names
+    assert run(["--embeddings", tmp_path / "hand.npy" if np.save(tmp_path / "hand.npy", emb) is None else None,
+                "--labels", p["lab"], "--save-dir", tmp_path / "hand", "--bootstrap", 0]) == 0
+    assert set(json.loads((tmp_path / "hand" / "results.json").read_text())["per_class"]) == {"0", "1", "2"}
+
+
+def test_example_queries_show_failures_first():
+    rel = np.array([[True], [False], [True], [False], [True], [True]])
+    r = metrics.Ranking(indices=np.zeros((6, 1), np.int64), sims=np.zeros((6, 1), np.float32), relevant=rel,
+                        ap=None, map_at_r=None, num_relevant=None, num_candidates=np.ones(6, np.int64),
+                        exclude_self=True, exclude_same_group=False)
+    qs, failed = test_script.example_queries(r, 4, seed=0)
+    assert sorted(qs[:2]) == [1, 3] and list(failed) == [True, True, False, False]
+    assert set(qs[2:]) <= {0, 2, 4, 5}
+
+
+def test_wrong_checkpoint_path_fails_first_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert run(["--resume", tmp_path / "nope.pth", "--test-image-list", "x.txt", "--dataset-dir", tmp_path,
+                "--save-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pth: file not found" in err and not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train", "test", "extract_embeddings"])
+def test_help_documents_every_flag_with_its_default(script):
+    import importlib
+    mod = importlib.import_module(script)
+    parser = mod.get_args_parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    text = parser.format_help()
+    assert "(default:" in text
+    if script == "test":
+        assert "--train-image-list" not in text and "--val-image-list" not in text

@@ -1,6 +1,7 @@
 """train.py: param groups, outputs and checkpoint keys, bit-exact resume, bad input, demo split."""
 import hashlib
 import json
+import math
 import shutil
 
 import pytest
@@ -76,7 +77,7 @@ def test_outputs_and_checkpoint_keys(two_epochs):
     assert model.embedding_dim == 32
 
 
-def test_resume_is_bit_exact(two_epochs, demo_data, tmp_path, monkeypatch):
+def test_resume_is_bit_exact(two_epochs, demo_data, tmp_path, monkeypatch, capsys):
     # the same 2-epoch command, killed during epoch 2, then resumed from its _last_ checkpoint
     # (after the global RNGs were disturbed), must end bit for bit where the uninterrupted run ended
     real_epoch = train.train_one_epoch
@@ -87,13 +88,19 @@ def test_resume_is_bit_exact(two_epochs, demo_data, tmp_path, monkeypatch):
         return real_epoch(*a, **kw)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(demo_data, tmp_path, "--epochs", "2")
+    capsys.readouterr()
+    # Ctrl-C: exit 130 and one hint with the exact resume command, no traceback
+    assert run(demo_data, tmp_path, "--epochs", "2") == 130
+    err = capsys.readouterr().err
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     last = tmp_path / STEM / f"{STEM}_last_ckpt.pth"
     assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert "Traceback" not in err and f"the last checkpoint is {last} (epoch 1 done)" in err
+    command = err.strip().splitlines()[-1].split()
+    assert command[:2] == ["python", "train.py"] and command[-2:] == ["--resume", str(last)]
     torch.manual_seed(1234)
-    assert run(demo_data, tmp_path, "--epochs", "2", "--resume", str(last)) == 0
+    # the printed command itself resumes the run
+    assert train.main(train.parse_args(command[2:])) == 0
     a = torch.load(two_epochs / f"{STEM}_last_ckpt.pth", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["model"].keys() == b["model"].keys()
@@ -173,3 +180,127 @@ def test_demo_smoke(demo_data, tmp_path, capsys):
     assert {"R@1", "R@5", "mAP"} <= set(res["before_training"])
     # the demo's patients have 3 near-identical images each: its metrics must not count them as matches
     assert res["exclude_same_patient"] is True and res["before_training"]["exclude_same_patient"] is True
+
+
+# ---------------------------------------------------------------- resume semantics, refusals, outputs
+
+def _copy_run(two_epochs, tmp_path):
+    dst = tmp_path / "save"
+    shutil.copytree(two_epochs.parent, dst)
+    return dst, dst / STEM
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedule(two_epochs, demo_data, tmp_path, capsys):
+    save, run_dir = _copy_run(two_epochs, tmp_path)
+    last = run_dir / f"{STEM}_last_ckpt.pth"
+    # the finished 2-epoch run left lr = 1e-3 * 0.5 * (1 + cos(pi)) = 0 for a next epoch; --epochs 4 must not train at 0
+    assert torch.load(last, weights_only=True)["optimizer"]["param_groups"][-1]["lr"] == pytest.approx(0, abs=1e-12)
+    assert run(demo_data, save, "--epochs", "4", "--resume", str(last)) == 0
+    assert "cosine schedule is rebuilt for 4 epochs from epoch 3" in capsys.readouterr().out
+    rows = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    # new horizon: lr(e) = 1e-3 * 0.5 * (1 + cos(pi * (e - 1) / 4)) for the "new" group (the logged one)
+    assert rows[2]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))  # 5e-4
+    assert rows[3]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert json.loads((run_dir / "args.json").read_text())["epochs"] == 4
+
+
+def test_resume_refuses_changed_optimisation_flags(two_epochs, demo_data, tmp_path, capsys):
+    save, run_dir = _copy_run(two_epochs, tmp_path)
+    last = run_dir / f"{STEM}_last_ckpt.pth"
+    before = snapshot(save)
+    for extra, msg in [(["--lr", "5e-4"], "--lr 0.001 (checkpoint) vs 0.0005 (now)"),
+                       (["--weight-decay", "0.1"], "--weight-decay 0.0 (checkpoint) vs 0.1 (now)"),
+                       (["--backbone-lr-mult", "1"], "--backbone-lr-mult 0.1 (checkpoint) vs 1.0 (now)"),
+                       (["--margin", "0.3"], "--margin 0.2 (checkpoint) vs 0.3 (now)"),
+                       (["--mining", "batch_all"], "--mining 'batch_hard' (checkpoint) vs 'batch_all' (now)"),
+                       (["-k", "3"], "-k/--samples-per-label 4 (checkpoint) vs 3 (now)"),
+                       (["--accum-steps", "2"], "--accum-steps 1 (checkpoint) vs 2 (now)"),
+                       ([], "already trained 2 epochs and --epochs is 2")]:
+        assert run(demo_data, save, "--epochs", "2" if not extra else "3", "--resume", str(last), *extra) == 2
+        assert msg in capsys.readouterr().err, extra
+    assert snapshot(save) == before  # args.json and the checkpoints still say what was used
+
+
+def test_resume_from_epoch_file_tests_its_own_best_not_a_later_one(two_epochs, demo_data, tmp_path, capsys):
+    save, run_dir = _copy_run(two_epochs, tmp_path)
+    first = torch.load(run_dir / f"{STEM}_epoch_1_ckpt.pth", weights_only=True)
+    # an abandoned continuation left a _best_ file from a later epoch (5) with other weights
+    stale = dict(first, epoch=5, model={k: v + 1 if v.is_floating_point() else v for k, v in first["model"].items()})
+    torch.save(stale, run_dir / f"{STEM}_best_ckpt.pth")
+    # the resumed history's best (epoch 1) can no longer be beaten: epoch 2 will not become the best
+    resumed = dict(first, best_metric=2.0)
+    torch.save(resumed, run_dir / f"{STEM}_epoch_1_ckpt.pth")
+    assert run(demo_data, save, "--epochs", "2", "--resume", str(run_dir / f"{STEM}_epoch_1_ckpt.pth")) == 0
+    out = capsys.readouterr().out
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["epoch"] == 1 and res["checkpoint"] == f"{STEM}_best_ckpt.pth"
+    assert f"testing {run_dir / (STEM + '_best_ckpt.pth')} (epoch 1" in out
+    kept = torch.load(run_dir / f"{STEM}_stale_best_epoch_5_ckpt.pth", weights_only=True)  # kept, not destroyed
+    assert kept["epoch"] == 5
+    best = torch.load(run_dir / f"{STEM}_best_ckpt.pth", weights_only=True)
+    assert all(torch.equal(best["model"][k], first["model"][k]) for k in first["model"])
+
+
+def test_refusals_leave_no_folder(demo_data, tmp_path, capsys):
+    save = tmp_path / "never"
+    cases = [
+        (["--resume", str(tmp_path / "missing.pth")], "--resume"),
+        (["--model", "vit", "--vit-backbone", "vit_tiny_patch16_224", "--freeze-backbone", "--embedding-dim", "0"],
+         "--embedding-dim must be >= 1"),
+        (["--model", "timm", "--backbone", "no_such_net_v9"], "unknown timm model"),
+    ]
+    for extra, msg in cases:
+        argv = [a for a in TINY if a not in ("--embedding-dim", "32")] if "--embedding-dim" in extra else TINY
+        args = train.parse_args(argv + ["--dataset-dir", str(demo_data), "--train-image-list",
+                                        str(demo_data / "train_split.txt"), "--save-dir", str(save), *extra])
+        assert train.main(args) == 2
+        assert msg in capsys.readouterr().err, extra
+        assert not save.exists(), extra
+    # a frozen backbone with no trainable head: refused, naming what would make it trainable
+    args = train.parse_args(["--model", "vit", "--vit-backbone", "vit_tiny_patch16_224", "--img-size", "64",
+                             "--no-pretrained", "--freeze-backbone", "--device", "cpu", "--workers", "0",
+                             "--dataset-dir", str(demo_data), "--train-image-list", str(demo_data / "train_split.txt"),
+                             "--save-dir", str(save)])
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "no trainable parameters" in err and "--embedding-dim" in err and "extract_embeddings.py" in err
+    assert not save.exists()
+
+
+def test_generic_class_order_is_the_training_lists_and_is_stored(demo_data, tmp_path):
+    # a test list without one class must still number the others as the training list does
+    lines = (demo_data / "test_split.txt").read_text().splitlines()
+    partial = tmp_path / "test_no_covid.txt"
+    partial.write_text("\n".join(l for l in lines if l.split()[2] != "COVID-19") + "\n")
+    args = train.parse_args(TINY + ["--dataset", "generic", "--dataset-dir", str(demo_data), "--train-image-list",
+                                    str(demo_data / "train_split.txt"), "--test-image-list", str(partial),
+                                    "--save-dir", str(tmp_path / "s")])
+    _, _, _, _, train_set, val_set, test_set, *_ = train.setup(args)
+    assert train_set.class_names == test_set.class_names == ["COVID-19", "normal", "pneumonia"]
+    first = [l.split() for l in partial.read_text().splitlines()][0]
+    assert test_set.labels[0] == ["COVID-19", "normal", "pneumonia"].index(first[2])
+
+
+def test_progress_lines_without_a_terminal(demo_data, tmp_path, capsys, monkeypatch):
+    import utils
+    monkeypatch.setattr(utils, "PROGRESS_EVERY_S", 0)  # a line after every step instead of every 30 s
+    assert run(demo_data, tmp_path, "--epochs", "1", "--iters-per-epoch", "3") == 0
+    err = capsys.readouterr().err
+    assert "epoch 1: 1/3 steps (33%)" in err and "epoch 1: 2/3 steps (67%)" in err
+
+
+def test_training_curves_are_labelled_and_mark_the_best_epoch(tmp_path, monkeypatch):
+    import matplotlib.figure
+    seen = []
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (seen.append(self), real(self, *a, **k)))
+    history = [dict(epoch=e, loss=0.2 / e, active_fraction=0.5, **{"val_R@1": v, "val_mAP": v})
+               for e, v in ((1, 0.5), (2, 1.0), (3, 0.9))]
+    train.plot_curves(history, tmp_path / "c.png", best_epoch=2, title="RUN")
+    (fig,) = seen
+    left, right = fig.axes
+    assert left.get_ylabel() and right.get_ylabel() and left.get_title() and right.get_title()
+    assert right.get_ylim()[1] > 1.0  # a curve at 1.0 is not drawn on the frame
+    vlines = [l for l in right.get_lines() if list(l.get_xdata()) == [2, 2]]
+    assert vlines and "epoch 2" in vlines[0].get_label()

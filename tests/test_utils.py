@@ -58,3 +58,38 @@ def test_get_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cpu"):
             utils.get_device("cuda")
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        utils.save_json({"a": 1}, tmp_path / "shared.json")
+        os.umask(0o077)
+        utils.save_json({"a": 1}, tmp_path / "private.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+
+
+def test_progress_prints_lines_without_a_terminal():
+    import io
+    stream = io.StringIO()
+    bar = utils.Progress(range(3), desc="epoch 1", unit="steps", every_s=0, stream=stream)
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix(loss="0.1")
+    assert seen == [0, 1, 2]
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("epoch 1: 1/3 steps (33%)") and "loss 0.1" in lines[0]
+    quiet = io.StringIO()
+    assert list(utils.Progress(range(3), enabled=False, every_s=0, stream=quiet)) == [0, 1, 2]
+    assert quiet.getvalue() == ""
+
+
+def test_check_writable_dir_creates_nothing(tmp_path):
+    target = tmp_path / "a" / "b"
+    assert utils.check_writable_dir(target) == target and not (tmp_path / "a").exists()
