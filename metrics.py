@@ -901,6 +901,10 @@ def load_hierarchy(path, class_names) -> Hierarchy:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--hierarchy {path}: file not found (a file of 'child parent' lines)")
+    try:  # shown and stored relative to the working folder when it lies below it
+        path = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
     return build_hierarchy(parse_hierarchy(path.read_text(encoding="utf-8"), str(path)), class_names, str(path))
 
 
