@@ -175,6 +175,18 @@ def check_same_model(probes, emb_set, probes_path):
 
 # --------------------------------------------------------------------------- span share
 
+def span_parts(query, results, directions):
+    """(cosines (M,), the part of each cosine inside the span of the directions (M,)); see span_share."""
+    q = np.asarray(query, np.float64)
+    r = np.atleast_2d(np.asarray(results, np.float64))
+    q = q / np.linalg.norm(q)
+    r = r / np.linalg.norm(r, axis=1, keepdims=True)
+    w = np.atleast_2d(np.asarray(directions, np.float64))
+    u, s, _ = np.linalg.svd(w.T, full_matrices=False)   # (D, K): an orthonormal basis of the span
+    basis = u[:, s > s.max() * 1e-10] if s.size and s.max() > 0 else u[:, :0]
+    return r @ q, (r @ basis) @ (basis.T @ q)
+
+
 def span_share(query, results, directions):
     """Share of each cosine q . r that lies in the span of the concept directions (rows of ``directions``).
 
@@ -183,37 +195,25 @@ def span_share(query, results, directions):
     [0, 1] when the two parts have opposite signs). q (D,) and r (M, D) are L2-normalised here; NaN where the
     cosine is 0.
     """
-    q = np.asarray(query, np.float64)
-    r = np.atleast_2d(np.asarray(results, np.float64))
-    q = q / np.linalg.norm(q)
-    r = r / np.linalg.norm(r, axis=1, keepdims=True)
-    w = np.atleast_2d(np.asarray(directions, np.float64))
-    u, s, _ = np.linalg.svd(w.T, full_matrices=False)   # (D, K): an orthonormal basis of the span
-    basis = u[:, s > s.max() * 1e-10] if s.size and s.max() > 0 else u[:, :0]
-    cos = r @ q
-    inside = (r @ basis) @ (basis.T @ q)
+    cos, inside = span_parts(query, results, directions)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(np.abs(cos) > 1e-12, inside / cos, np.nan)
 
 
 # --------------------------------------------------------------------------- ConceptCLIP zero-shot
 
-def conceptclip_concepts(clip, processor, images, vocab, concept_ids, device):
-    """Zero-shot concept probabilities and token concept maps of a ConceptCLIP-like model.
+def concept_text_embeddings(clip, processor, vocab, concept_ids, device):
+    """(K, D) unit text embeddings of the positive and of the negative prompt of each concept.
 
-    Interface used (the toolkit's ConceptCLIP wrapper reads the image side the same way): ``encode_image(pixel
-    values) -> (pooled (B, D), tokens (B, N, D))`` with N = g x g patch tokens (27 x 27 at 384 px; SigLIP has no
-    class token, so none is dropped), ``encode_text(input_ids) -> (T, D)`` (or a tuple, first item), a
-    ``logit_scale`` tensor (log of the temperature, as in CLIP/SigLIP) and ``processor(text=[...])``.
-    A concept's text embedding is the mean of the unit embeddings of its prompts (name and synonyms), for the
-    positive prompt "a chest radiograph showing X" and the negative "... with no X". Probability =
-    softmax over the pair of scale * cosine = sigmoid(scale * (cos_pos - cos_neg)). Map = tokens . (unit) positive
-    text embedding, (B, K, g, g), no gradients. images (B, 3, S, S) already transformed.
+    A concept's embedding is the mean of the unit embeddings of its prompts, one per term (name and synonyms):
+    positive "a chest radiograph showing X", negative "a chest radiograph with no X".
+    Uses ``processor(text=[...])["input_ids"]`` and ``clip.encode_text(input_ids) -> (T, D)`` (or a tuple,
+    first item).
     """
     import torch
     import torch.nn.functional as F
 
-    def text_embedding(template, cid):
+    def one(template, cid):
         prompts = [template.format(t) for t in vocab.prompt_terms(cid)]
         tok = processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
         out = clip.encode_text(tok["input_ids"].to(device))
@@ -221,8 +221,23 @@ def conceptclip_concepts(clip, processor, images, vocab, concept_ids, device):
         return F.normalize(F.normalize(out.float(), dim=-1).mean(0), dim=0)
 
     with torch.no_grad():
-        pos = torch.stack([text_embedding(PROMPT_POS, c) for c in concept_ids])   # (K, D)
-        neg = torch.stack([text_embedding(PROMPT_NEG, c) for c in concept_ids])
+        return (torch.stack([one(PROMPT_POS, c) for c in concept_ids]),
+                torch.stack([one(PROMPT_NEG, c) for c in concept_ids]))
+
+
+def conceptclip_concepts(clip, images, pos, neg, device):
+    """Zero-shot concept probabilities (B, K) and token concept maps (B, K, g, g) of a ConceptCLIP-like model.
+
+    Image side (as the toolkit's ConceptCLIP wrapper reads it): ``encode_image(pixel values) -> (pooled (B, D),
+    tokens (B, N, D))`` with N = g x g patch tokens (27 x 27 at 384 px; SigLIP has no class token, so none is
+    dropped); ``logit_scale`` is the log of the temperature, as in CLIP/SigLIP. Probability = softmax over the
+    prompt pair of scale * cosine = sigmoid(scale * (cos_pos - cos_neg)). Map = tokens . unit positive text
+    embedding (no gradients). images (B, 3, S, S) already transformed; pos, neg (K, D) from
+    concept_text_embeddings.
+    """
+    import torch
+    import torch.nn.functional as F
+    with torch.no_grad():
         pooled, tokens = clip.encode_image(images.to(device))
         pooled = F.normalize(pooled.float(), dim=-1)                               # (B, D)
         if tokens.shape[-1] != pos.shape[-1]:
@@ -234,7 +249,7 @@ def conceptclip_concepts(clip, processor, images, vocab, concept_ids, device):
         g = int(round(n ** 0.5))
         if g * g != n:
             raise ValueError(f"ConceptCLIP gives {n} image tokens, not a square grid; cannot draw concept maps")
-        maps = (tokens.float() @ pos.T).permute(0, 2, 1).reshape(len(images), len(concept_ids), g, g)
+        maps = (tokens.float() @ pos.T).permute(0, 2, 1).reshape(len(images), pos.shape[0], g, g)
     return prob.cpu().numpy(), maps.cpu().numpy()
 
 
@@ -253,9 +268,10 @@ def conceptclip_profile(args, vocab, concept_ids):
     ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=get_transform(wrapper),
                           check_files=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    pos, neg = concept_text_embeddings(clip, processor, vocab, concept_ids, device)  # once, not per batch
     probs, maps = [], []
     for images, _, _ in loader:
-        p, m = conceptclip_concepts(clip, processor, images, vocab, concept_ids, device)
+        p, m = conceptclip_concepts(clip, images, pos, neg, device)
         probs.append(p)
         maps.append(m)
     return np.array(ds.image_ids), np.concatenate(probs), np.concatenate(maps)
@@ -267,6 +283,8 @@ def _shown(vocab, concepts, row, thr):
     """{finding id: [modifier names]} of one image: values >= thr; modifiers are image-level."""
     on = [c for c, v in zip(concepts, row) if np.isfinite(v) and v >= thr]
     mods = [c for c in on if vocab.kind(c) == "modifier"]
+    if "bilateral" in mods:  # bilateral says right and left already
+        mods = [m for m in mods if m not in ("right", "left")]
     return {c: mods for c in on if vocab.kind(c) != "modifier"}, mods
 
 
@@ -297,7 +315,7 @@ def explain_pair(vocab, concepts, qrow, rrow, thr):
                              "modifiers": [vocab.name(m) for m in rm]} for c in rs if c not in qs]}
 
 
-def summary_sentence(vocab, rank, rid, cos, pair, share):
+def summary_sentence(vocab, rank, rid, cos, pair, share, inside=None):
     def part(items, key):
         out = []
         for it in items:
@@ -311,8 +329,11 @@ def summary_sentence(vocab, rank, rid, cos, pair, share):
         s += f"; only the query shows {part(pair['query_only'], 'modifiers')}"
     if pair["result_only"]:
         s += f"; only the result shows {part(pair['result_only'], 'modifiers')}"
-    if share is not None and np.isfinite(share):
+    if share is not None and np.isfinite(share) and 0 <= share <= 1:
         s += f"; {100 * share:.0f}% of the cosine lies in the span of the concept directions"
+    elif inside is not None:  # a share outside [0, 1] (a cosine near 0, or parts of opposite sign) says little
+        s += (f"; the span of the concept directions contributes {inside:+.3f} to the cosine and the rest of the "
+              f"embedding {cos - inside:+.3f}")
     return s + "."
 
 
@@ -348,8 +369,8 @@ def get_args_parser():
     f.add_argument("--dataset-dir", type=Path, default=None, help="image root (ConceptCLIP path)")
     f.add_argument("--test-dataset-dir", type=Path, default=None, help="test image folder (ConceptCLIP path)")
     f.add_argument("--test-image-list", type=Path, default=None, help="images to profile (ConceptCLIP path)")
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--workers", type=int, default=0)
+    f.add_argument("--batch-size", type=int, default=8, help="images per ConceptCLIP forward pass")
+    f.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     f.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
     f.add_argument("--maps", type=Path, default=None, help="ConceptCLIP token concept maps (N, K, g, g) to this .npz")
     f.add_argument("--output", type=Path, required=True, help="image_id,CONCEPT,... probabilities (CSV)")
@@ -360,7 +381,7 @@ def get_args_parser():
     e.add_argument("--profile", type=Path, default=None,
                    help="instead of --probes: a profile or label CSV (image_id,CONCEPT,...)")
     e.add_argument("--query", required=True, help="image id of the query (or its row number)")
-    e.add_argument("--k", type=int, default=5)
+    e.add_argument("--k", type=int, default=5, help="results to explain")
     e.add_argument("--threshold", type=float, default=0.5, help="a concept is shown at probability >= this")
     e.add_argument("--exclude-same-patient", action="store_true", help="drop the query's other images")
     e.add_argument("--save-dir", type=Path, required=True, help="writes explain_{query}.json and .md here")
@@ -485,7 +506,9 @@ def run_explain(args, vocab):
     # the same top-k (and tie rule: equal similarities by gallery index) as metrics.rank
     top = metrics.topk_from_similarity((emb @ emb[qi])[None, :], args.k, exclude_mask=exclude[None, :])[0]
     cos = emb[top] @ emb[qi]
-    shares = span_share(emb[qi], emb[top], directions) if directions is not None and len(directions) else None
+    shares = insides = None
+    if directions is not None and len(directions):
+        shares, insides = span_share(emb[qi], emb[top], directions), span_parts(emb[qi], emb[top], directions)[1]
     lab_names = es["meta"].get("class_names")
     label = (lambda i: (lab_names[es["labels"][i]] if lab_names else str(es["labels"][i]))
              if es["labels"] is not None else None)
@@ -493,7 +516,7 @@ def run_explain(args, vocab):
     out = {"query": {"image_id": str(ids[qi]), "label": label(qi),
                      "findings": [vocab.name(c) for c in qf], "modifiers": [vocab.name(m) for m in qm]},
            "k": args.k, "threshold": args.threshold, "tie_rule": metrics.TIE_RULE,
-           "exclude_same_patient": bool(args.exclude_same_patient), "model": model_tag(es["meta"]),
+           "exclude_same_patient": bool(args.exclude_same_patient), "model": model_tag(es["meta"]), "seed": args.seed,
            "concept_source": str(args.probes or args.profile), "results": []}
     md = [f"# Query {ids[qi]}" + (f" ({label(qi)})" if label(qi) else ""), "",
           f"Findings (probability >= {args.threshold}): " + (", ".join(out["query"]["findings"]) or "none")
@@ -503,9 +526,10 @@ def run_explain(args, vocab):
     for j, (gi, c) in enumerate(zip(top, cos), 1):
         pair = explain_pair(vocab, concepts, values[qi], values[gi], args.threshold)
         share = None if shares is None or not np.isfinite(shares[j - 1]) else float(shares[j - 1])
-        sent = summary_sentence(vocab, j, str(ids[gi]), float(c), pair, share)
+        inside = None if insides is None else float(insides[j - 1])
+        sent = summary_sentence(vocab, j, str(ids[gi]), float(c), pair, share, inside)
         out["results"].append({"rank": j, "image_id": str(ids[gi]), "label": label(gi), "cosine": float(c),
-                               **pair, "span_share": share, "summary": sent})
+                               **pair, "span_share": share, "cosine_in_span": inside, "summary": sent})
         cell = lambda items: ", ".join(it["name"] for it in items) or "-"  # noqa: E731
         md.append(f"| {j} | {ids[gi]} | {label(gi) or ''} | {c:.3f} | {cell(pair['shared'])} | "
                   f"{cell(pair['query_only'])} | {cell(pair['result_only'])} | "
