@@ -20,6 +20,12 @@ Definitions (R = number of relevant gallery images for the query after exclusion
     MAP@R  mean over queries of (1/R) sum_{k<=R} P@k * rel_k (Musgrave et al., 2020).
     R@K, mP@K and mAP@K average over all queries (a query with R = 0 scores 0).
     Vote@k the most frequent label among the top k; a tie goes to the tied label ranked highest.
+    With a class hierarchy (``child parent`` file, leaves = class names; h(a, b) = half the number
+    of edges on the tree path between classes a and b, H = the largest h between two classes):
+    AHD@k  mean over queries of the mean h(query label, result label) over its top k.
+    MS@k   mean h over all top-k results, pooled over queries, whose label differs from the query's.
+    hP@k   mean over queries of the mean of 1 - h/H over its top k.
+    (Reading the hierarchy file, ``load_hierarchy``, is the one function here that touches a file.)
 
 Tie rule
     Equal similarities are ordered by gallery index, lower index first, in the top-k lists and in
@@ -40,6 +46,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -790,3 +797,196 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None, gallery_la
         res["queries_with_same_patient_in_gallery"] = same_patient
     res["knn_backend"] = backend if backend == "torch" else f"faiss-{faiss_index}"
     return (res, ranking) if return_ranking else res
+
+
+# --------------------------------------------------------------------------- class hierarchy
+
+# Hierarchy files shipped with the toolkit, by --dataset (test.py's default --hierarchy).
+HIERARCHY_DIR = Path(__file__).resolve().parent / "data" / "ontology"
+DEFAULT_HIERARCHIES = {"covid": HIERARCHY_DIR / "covidx_hierarchy.txt"}
+
+
+@dataclass
+class Hierarchy:
+    """A class tree checked against the class names; distances between classes precomputed.
+
+    ``distance[a, b]`` = h(a, b) = half the number of edges on the tree path between classes a and b
+    (class ids index ``classes``); ``H`` = the largest h between two classes.
+    """
+    source: str
+    parents: dict                  # node -> parent node (the root maps to None)
+    classes: list                  # class names in label-id order
+    distance: np.ndarray           # (C, C) float64
+    H: float
+
+
+def parse_hierarchy(text: str, source: str = "hierarchy") -> dict:
+    """``child parent`` lines (the root's parent is ``-``; blank lines and ``#`` comments skipped)
+    -> {node: parent or None}. Checks the tree itself: one root, no node with two parents, every
+    parent defined, no cycle. ValueError naming SOURCE:LINE otherwise."""
+    parents, line_of = {}, {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{source}:{n}: expected 'child parent' (the root's parent is '-'), got {raw.strip()!r}")
+        child, parent = parts
+        if child == "-":
+            raise ValueError(f"{source}:{n}: '-' marks the root's parent and cannot be a node name")
+        if child in parents:
+            raise ValueError(f"{source}:{n}: '{child}' already has a parent (line {line_of[child]}); "
+                             f"a node has exactly one parent")
+        if child == parent:
+            raise ValueError(f"{source}:{n}: '{child}' is its own parent (a cycle)")
+        parents[child], line_of[child] = (None if parent == "-" else parent), n
+    if not parents:
+        raise ValueError(f"{source}: no 'child parent' lines")
+    undefined = sorted({p for p in parents.values() if p is not None and p not in parents})
+    roots = sorted(c for c, p in parents.items() if p is None)
+    if undefined:
+        raise ValueError(f"{source}: parent(s) {undefined} have no line of their own, so the tree would have "
+                         f"more than one root; give each a parent, or mark the one root with 'NAME -'")
+    if len(roots) != 1:
+        raise ValueError(f"{source}: " + (f"two or more roots {roots} (lines {[line_of[r] for r in roots]}); "
+                                          f"a hierarchy has exactly one node whose parent is '-'" if roots else
+                                          "no root: exactly one node must have the parent '-'"))
+    for start in parents:  # every walk upwards must reach the root
+        seen, node = [start], parents[start]
+        while node is not None:
+            if node in seen:
+                cyc = seen[seen.index(node):] + [node]
+                raise ValueError(f"{source}: cycle {' -> '.join(cyc)} (line {line_of[start]}); a hierarchy is a tree")
+            seen.append(node)
+            node = parents[node]
+    return parents
+
+
+def build_hierarchy(parents: dict, class_names, source: str = "hierarchy") -> Hierarchy:
+    """Check that the leaves are exactly the classes, then precompute h for every class pair."""
+    classes = [str(c) for c in class_names]
+    if len(classes) < 2:
+        raise ValueError(f"{source}: hierarchical metrics need at least two classes, got {classes}")
+    inner = {p for p in parents.values() if p is not None}
+    leaves = [c for c in parents if c not in inner]
+    not_class = [c for c in leaves if c not in classes]
+    if not_class:
+        raise ValueError(f"{source}: leaf {not_class} is not a class; the leaves must be the class names "
+                         f"{classes} (from the embeddings' _meta.json, else the --dataset label map, else the "
+                         f"label ids)")
+    missing = [c for c in classes if c not in parents]
+    if missing:
+        raise ValueError(f"{source}: class {missing} is missing from the hierarchy; add a line "
+                         f"'{missing[0]} PARENT' for each")
+    inner_cls = [c for c in classes if c in inner]
+    if inner_cls:
+        raise ValueError(f"{source}: class {inner_cls} has children in the hierarchy; classes must be leaves")
+
+    def path_up(node):  # node, parent, ..., root
+        out = []
+        while node is not None:
+            out.append(node)
+            node = parents[node]
+        return out
+
+    paths = [path_up(c) for c in classes]
+    c = len(classes)
+    dist = np.zeros((c, c))
+    for i in range(c):
+        up_i = {n: d for d, n in enumerate(paths[i])}  # node -> edges from class i up to it
+        for j in range(i + 1, c):
+            # the first ancestor of j that is also an ancestor of i is the lowest common ancestor
+            dj, lca = next((d, n) for d, n in enumerate(paths[j]) if n in up_i)
+            dist[i, j] = dist[j, i] = (up_i[lca] + dj) / 2.0
+    return Hierarchy(source=str(source), parents=dict(parents), classes=classes, distance=dist,
+                     H=float(dist.max()))
+
+
+def load_hierarchy(path, class_names) -> Hierarchy:
+    """Read a hierarchy file (see parse_hierarchy) and check it against the class names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--hierarchy {path}: file not found (a file of 'child parent' lines)")
+    try:  # shown and stored relative to the working folder when it lies below it
+        path = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return build_hierarchy(parse_hierarchy(path.read_text(encoding="utf-8"), str(path)), class_names, str(path))
+
+
+def hierarchy_class_names(class_names, *label_arrays):
+    """The class names a hierarchy's leaves must match: the given names, else the label ids as strings."""
+    if class_names is not None:
+        return [str(c) for c in class_names]
+    top = max(int(np.max(a)) for a in label_arrays if a is not None and len(a))
+    return [str(i) for i in range(top + 1)]
+
+
+def hierarchical_distances(indices, query_labels, gallery_labels, hierarchy: Hierarchy, k: int) -> np.ndarray:
+    """(Q, k) h(query label, result label) of the first k results of ``indices`` (a ranking's top-k)."""
+    idx = np.asarray(indices)[:, :k]
+    qlab = np.asarray(query_labels, dtype=np.int64)
+    glab = qlab if gallery_labels is None else np.asarray(gallery_labels, dtype=np.int64)
+    c = len(hierarchy.classes)
+    if qlab.max() >= c or glab.max() >= c or qlab.min() < 0 or glab.min() < 0:
+        raise ValueError(f"labels range {min(qlab.min(), glab.min())}..{max(qlab.max(), glab.max())} but the "
+                         f"hierarchy has {c} classes {hierarchy.classes}")
+    return hierarchy.distance[qlab[:, None], glab[idx]]
+
+
+def _bootstrap_ratio_ci(num, den, n_boot: int, seed: int = 0, level: float = 0.95):
+    """Percentile CI of sum(num) / sum(den) with queries resampled (resamples with sum(den) = 0 skipped)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    if n_boot <= 0 or len(num) == 0 or den.sum() == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    step = max(1, (1 << 22) // len(num))
+    for s in range(0, n_boot, step):
+        reps = min(step, n_boot - s)
+        pick = rng.integers(0, len(num), size=(reps, len(num)))
+        d = den[pick].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[s:s + reps] = np.where(d > 0, num[pick].sum(axis=1) / np.maximum(d, 1), np.nan)
+    out = out[np.isfinite(out)]
+    a = (1 - level) / 2
+    return [float(np.quantile(out, a)), float(np.quantile(out, 1 - a))]
+
+
+def hierarchical_metrics(indices, query_labels, gallery_labels, hierarchy: Hierarchy, *, k_values=DEFAULT_K_VALUES,
+                         bootstrap: int = 0, seed: int = 0) -> dict:
+    """AHD@k, MS@k and hP@k from a ranking's top-k ``indices`` (Q, >= max k); same ranking, tie rule
+    and exclusions as the other metrics, since the indices come from ``rank``.
+
+    AHD@k  mean over queries of the mean h(query label, result label) over its top k.
+    MS@k   mean h over all top-k results, pooled over queries, whose label differs from the query's
+           (None when there is none).
+    hP@k   mean over queries of the mean of 1 - h / H over its top k.
+    Returns {"AHD@k": ..., "MS@k": ..., "hP@k": ..., "ci95": {same keys: [lo, hi]}, "hierarchy": {...}}.
+    """
+    if hierarchy.H <= 0:
+        raise ValueError(f"{hierarchy.source}: every class pair has h = 0; hP@k is undefined")
+    qlab = np.asarray(query_labels, dtype=np.int64)
+    glab = qlab if gallery_labels is None else np.asarray(gallery_labels, dtype=np.int64)
+    out, ci = {}, {}
+    for k in sorted(set(int(k) for k in k_values)):
+        if k < 1 or k > np.asarray(indices).shape[1]:
+            raise ValueError(f"k = {k} outside 1..{np.asarray(indices).shape[1]} (the ranking's k)")
+        h = hierarchical_distances(indices, qlab, glab, hierarchy, k)             # (Q, k)
+        wrong = glab[np.asarray(indices)[:, :k]] != qlab[:, None]                  # (Q, k)
+        ahd_q, hp_q = h.mean(axis=1), (1.0 - h / hierarchy.H).mean(axis=1)
+        num, den = (h * wrong).sum(axis=1), wrong.sum(axis=1)
+        out[f"AHD@{k}"] = float(ahd_q.mean())
+        out[f"MS@{k}"] = float(num.sum() / den.sum()) if den.sum() else None
+        out[f"hP@{k}"] = float(hp_q.mean())
+        if bootstrap > 0:
+            ci[f"AHD@{k}"] = bootstrap_ci(ahd_q, bootstrap, seed)
+            ci[f"MS@{k}"] = _bootstrap_ratio_ci(num, den, bootstrap, seed)
+            ci[f"hP@{k}"] = bootstrap_ci(hp_q, bootstrap, seed)
+    out["ci95"] = ci
+    c = hierarchy.classes
+    out["hierarchy"] = {"file": hierarchy.source, "classes": c, "H": hierarchy.H,
+                        "h": {f"{c[i]}|{c[j]}": float(hierarchy.distance[i, j])
+                              for i in range(len(c)) for j in range(i + 1, len(c))}}
+    return out

@@ -22,6 +22,7 @@ Writes SAVE_DIR/results.json, embeddings.npz, confusion_matrix.png and retrieval
 (when images are available); an existing results.json is kept unless --overwrite.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 import metrics
-from dataset import (ImageListDataset, align_class_names, embedding_sidecars, get_data_parser, load_image,
+from dataset import (LABEL_MAPS, ImageListDataset, align_class_names, embedding_sidecars, get_data_parser, load_image,
                      read_class_names, resolve_class_names, test_image_dir, train_image_dir)
 from utils import check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args, save_json, set_seed
 
@@ -78,6 +79,9 @@ def get_args_parser():
     g.add_argument("--chunk-size", type=int, default=None, help="query rows per similarity chunk")
     g.add_argument("--num-examples", type=int, default=6,
                    help="queries drawn in retrieval_examples.png (failures first, then successes)")
+    g.add_argument("--hierarchy", default=None,
+                   help="class tree ('child parent' lines, root parent '-', leaves = class names) for AHD@k, MS@k, "
+                        "hP@k (default for --dataset covid: data/ontology/covidx_hierarchy.txt; 'none': skip)")
     g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     return p
@@ -130,6 +134,7 @@ def check_args(args):
         raise ValueError(f"--k-values must be >= 1, got {args.k_values}")
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    hierarchy_file(args, check=True)
     results = Path(args.save_dir) / "results.json"
     if results.exists() and not args.overwrite:
         raise ValueError(f"{results} already exists; choose another --save-dir or pass --overwrite to replace it")
@@ -146,6 +151,20 @@ def fill_sidecars(args):
         for key in ("labels", "image_ids", "patient_ids"):
             if getattr(args, prefix + key) is None and side[key].is_file():
                 setattr(args, prefix + key, side[key])
+
+
+def hierarchy_file(args, check=False):
+    """--hierarchy, else the shipped tree of --dataset (covid), else None; check: parse it (structure errors)."""
+    path = args.hierarchy if args.hierarchy is not None else metrics.DEFAULT_HIERARCHIES.get(args.dataset)
+    if path is None or str(path).lower() == "none":
+        return None
+    if check:
+        if not Path(path).is_file():
+            raise ValueError(f"--hierarchy {path}: file not found (a file of 'child parent' lines)")
+        metrics.parse_hierarchy(Path(path).read_text(encoding="utf-8"), str(path))
+        if args.resume is not None and args.dataset in LABEL_MAPS:  # names known now: check the leaves first
+            metrics.load_hierarchy(path, sorted(LABEL_MAPS[args.dataset], key=LABEL_MAPS[args.dataset].get))
+    return Path(path)
 
 
 def embeddings_from_checkpoint(args):
@@ -247,6 +266,12 @@ def print_table(res, k_values):
         v = res.get(r)
         lo_hi = f"[{ci[r][0]:.4f}, {ci[r][1]:.4f}]" if r in ci else ""
         print(f"{r:<8}{'n/a' if v is None else f'{v:.4f}':>9}   {lo_hi}")
+    if "hierarchy" in res:
+        print(f"hierarchy {res['hierarchy']['file']} (H = {res['hierarchy']['H']:g}; lower AHD/MS, higher hP is better)")
+        for r in [f"{m}@{k}" for m in ("AHD", "MS", "hP") for k in k_values]:
+            v = res.get(r)
+            lo_hi = f"[{ci[r][0]:.4f}, {ci[r][1]:.4f}]" if ci.get(r) else ""
+            print(f"{r:<8}{'n/a' if v is None else f'{v:.4f}':>9}   {lo_hi}")
     if res["vote"]:
         print(f"\n{'vote@k':<8}{'acc':>8}{'P_macro':>9}{'R_macro':>9}{'F1_macro':>9}{'F1_wtd':>9}")
         for k, v in res["vote"].items():
@@ -385,6 +410,20 @@ def run(args):
         print(f"warning: vote@k for k = {over} exceeds the {sc['relevant_images']} gallery images of class "
               f"{sc['class']!r} (after exclusions): those votes cannot be won by that class alone, so their "
               f"accuracy is low by construction; compare vote@k only for k <= {sc['relevant_images']}")
+    hpath = hierarchy_file(args)
+    hier = None
+    if hpath is not None:  # AHD@k, MS@k, hP@k on the same top-k (tie rule, exclusions) as every other metric
+        try:
+            hier = metrics.load_hierarchy(hpath, metrics.hierarchy_class_names(names, query["labels"], gal["labels"]))
+        except ValueError as e:
+            if args.hierarchy is not None:
+                raise
+            print(f"note: the default hierarchy {hpath} does not fit these classes ({e}); AHD/MS/hP skipped")
+    if hier is not None:
+        hres = metrics.hierarchical_metrics(ranking.indices, query["labels"], gal["labels"], hier,
+                                            k_values=args.k_values, bootstrap=args.bootstrap, seed=args.seed)
+        res["ci95"].update(hres.pop("ci95"))
+        res.update(hres)
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))

@@ -71,6 +71,9 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the held-out split and the visualised queries")
     p.add_argument("--chunk-size", type=int, default=512, help="query rows per block; memory grows with it, not N^2")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --save-dir")
+    p.add_argument("--hierarchy", default=None,
+                   help="class tree ('child parent' lines, leaves = class names) for AHD@k, MS@k, hP@k per model, "
+                        "e.g. data/ontology/covidx_hierarchy.txt (default: not computed)")
     return p
 
 
@@ -460,6 +463,7 @@ def main(args):
     e1, e2, labels, image_ids, patient_ids = load_inputs(args)
     n, k = len(labels), args.k
     class_names = check_args(args, n, labels, patient_ids)
+    hierarchy = metrics.load_hierarchy(args.hierarchy, class_names) if args.hierarchy else None
     save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
     existing = [str(save_dir / f) for f in RESULT_FILES if (save_dir / f).exists()]
     if existing and not args.overwrite:
@@ -509,6 +513,14 @@ def main(args):
     print(f"(held-out: alpha chosen on {n - len(evaluate)} queries, mAP@{k} on the other {len(evaluate)}; there "
           f"{names[0]} {r['ap1'][evaluate].mean():.4f}, {names[1]} {r['ap2'][evaluate].mean():.4f})")
     print(f"{100 * pct_low:.1f}% of queries share <= {k // 2} of their top-{k}; rho std {std_rho:.3f}")
+    hier = {}
+    if hierarchy is not None:  # on each model's top-k lists (metrics.py tie rule and exclusions)
+        for key, name in (("top1", names[0]), ("top2", names[1])):
+            h = metrics.hierarchical_metrics(r[key], labels, None, hierarchy, k_values=(k,))
+            hier[key] = {m: h[f"{m}@{k}"] for m in ("AHD", "MS", "hP")}
+            print(f"{name}: AHD@{k} {h[f'AHD@{k}']:.4f}  MS@{k} "
+                  + ("n/a" if h[f"MS@{k}"] is None else f"{h[f'MS@{k}']:.4f}") + f"  hP@{k} {h[f'hP@{k}']:.4f}"
+                  + f"  (hierarchy {args.hierarchy}, H = {hierarchy.H:g})")
     best_fusion = float(max(fusion_maps.max(), zscore_maps.max(), rrf_map))
     print(interpret(mean_overlap, mean_rho, best_fusion, map1, map2, k))
 
@@ -518,8 +530,10 @@ def main(args):
              fusion_maps=fusion_maps, aps_model1=r["ap1"], aps_model2=r["ap2"])
     save_json({
         "k": k, "num_queries": n,
-        "model1": {"name": names[0], key: map1, "R@1": float(r["r1_1"].mean()), "mAP": full1},
-        "model2": {"name": names[1], key: map2, "R@1": float(r["r1_2"].mean()), "mAP": full2},
+        "model1": {"name": names[0], key: map1, "R@1": float(r["r1_1"].mean()), "mAP": full1,
+                   **{f"{m}@{k}": v for m, v in hier.get("top1", {}).items()}},
+        "model2": {"name": names[1], key: map2, "R@1": float(r["r1_2"].mean()), "mAP": full2,
+                   **{f"{m}@{k}": v for m, v in hier.get("top2", {}).items()}},
         "mean_overlap": mean_overlap, "pct_low_overlap": pct_low,
         "mean_spearman": mean_rho, "std_spearman": std_rho,
         "fusion": [{"alpha": a, key: float(m)} for a, m in zip(alphas, fusion_maps)],

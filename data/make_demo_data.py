@@ -114,6 +114,56 @@ def _render(a, size, rng):
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
+# Planted findings as vocabulary concepts (data/ontology/findings.tsv ids), one row per image.
+CONCEPTS = ("opacity", "consolidation", "ground_glass_opacity", "right", "left", "bilateral", "upper_zone",
+            "middle_zone", "lower_zone", "peripheral", "central", "focal", "multifocal")
+MODIFIERS = CONCEPTS[3:]
+
+
+def planted_findings(a):
+    """Findings of patient `a` (from _patient_params) -> {concept: 1 or 0, or None = unknown/not applicable}.
+
+    Pattern: pneumonia (label 1) = one focal consolidation, COVID-19 (label 2) = multifocal ground glass.
+    Laterality from the blob sides: side -1 is drawn on the image left, which on a PA radiograph is the
+    PATIENT'S RIGHT (side +1 = patient's left). Zone from the blob centre's v (lung units, y down, the lung
+    spans v in [-1, 1]): upper v < -1/3, middle -1/3..1/3, lower v > 1/3. Distribution from u (u > 0 lateral):
+    peripheral u > 1/3, central u < -1/3. A zone or distribution is 1 when a blob centre lies in it; for a
+    pneumonia only the main blob counts (the others are its lobulated edge). Normal lungs: every pattern 0,
+    every modifier None (a finding that is absent has no side or zone).
+    """
+    label = a["label"]
+    out = dict.fromkeys(CONCEPTS, 0)
+    if label == 0 or not a["blobs"]:
+        out.update(dict.fromkeys(MODIFIERS, None))
+        return out
+    blobs = a["blobs"][:1] if label == 1 else a["blobs"]
+    out["opacity"] = 1
+    out["consolidation" if label == 1 else "ground_glass_opacity"] = 1
+    sides = {int(b[0]) for b in blobs}
+    out["right"], out["left"] = int(-1 in sides), int(1 in sides)
+    out["bilateral"] = int(sides == {-1, 1})
+    for _, u, v, _, _ in blobs:
+        zone = "upper_zone" if v < -1 / 3 else "lower_zone" if v > 1 / 3 else "middle_zone"
+        out[zone] = 1
+        if u > 1 / 3:
+            out["peripheral"] = 1
+        elif u < -1 / 3:
+            out["central"] = 1
+    out["focal"], out["multifocal"] = int(len(blobs) == 1), int(len(blobs) > 1)
+    return out
+
+
+def write_concept_labels(path, seed, lines):
+    """OUT/concept_labels.csv: image_id,CONCEPT,... (1/0/blank) for every image of the list lines."""
+    rows = [",".join(("image_id",) + CONCEPTS)]
+    for line in lines:
+        pid, name, label = line.split()[:3]
+        params = _patient_params(np.random.default_rng([seed, int(pid[len(SOURCE):])]), CLASSES.index(label))
+        found = planted_findings(params)
+        rows.append(",".join([Path(name).stem] + ["" if found[c] is None else str(found[c]) for c in CONCEPTS]))
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
 def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, seed=0, test_fraction=0.25,
                    overwrite=False):
     """Generate the demo dataset; returns a summary dict. Refuses a non-empty folder unless overwrite."""
@@ -147,6 +197,7 @@ def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, see
             lines[split].append(f"{pid} {name} {CLASSES[labels[i]]} {SOURCE}")
     for split, fname in (("train", "train_split.txt"), ("test", "test_split.txt")):
         (out / fname).write_text("\n".join(lines[split]) + "\n")
+    write_concept_labels(out / "concept_labels.csv", seed, lines["train"] + lines["test"])
     counts = {s: {c: sum(l.split()[2] == c for l in lines[s]) for c in CLASSES} for s in lines}
     return {
         "out_dir": out, "train_dir": out / "train", "test_dir": out / "test",

@@ -38,7 +38,7 @@ def test_same_seed_same_bytes(tmp_path):
     make_demo_data(tmp_path / "b", seed=5, **SMALL)
     make_demo_data(tmp_path / "c", seed=6, **SMALL)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
-    assert a == b and len(a) == 6 * 2 + 2
+    assert a == b and len(a) == 6 * 2 + 3  # images, two lists, concept_labels.csv
     assert a != c
 
 

@@ -204,7 +204,14 @@ def test_brute_force_reference_with_ties(use_groups):
 
 
 def test_chunked_equals_unchunked(monkeypatch):
-    x, labels = random_set(n=150)
+    # +-1 entries in 16-d: unit rows of +-0.25, so every cosine is a multiple of 1/16 computed exactly in float32
+    # by any BLAS blocking. Gaussian data would let a product of 7 rows round differently from one of 150 rows
+    # (1e-7), and a near-tie then flips two images' order; here equal values are real ties and the tie rule
+    # (lower gallery index first) must give the same ranking in both paths.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 150)
+    proto = rng.choice([-1.0, 1.0], size=(4, 16))
+    x = np.where(rng.random((150, 16)) < 0.3, -proto[labels], proto[labels]).astype(np.float32)
     full = metrics.rank(x, labels, k=10)
     monkeypatch.setattr(metrics, "BLOCK_ELEMENTS", 300)  # 2 rows per block
     chunked = metrics.rank(x, labels, k=10, chunk_size=7)

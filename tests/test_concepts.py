@@ -1,0 +1,312 @@
+"""concepts.py: probes on planted linear concepts, span share, explanations, the ConceptCLIP concept path on a
+stand-in with planted concept directions, bad input; label readers; the demo's planted findings."""
+import csv
+import json
+import math
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import concepts as C
+from ontology import load_vocabulary, read_concept_labels
+
+VOCAB = load_vocabulary()
+
+
+def run(argv, capsys=None):
+    return C.main(C.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def unit(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """240 images of 120 patients (2 noisy views each) in 16-d; consolidation = side of a planted hyperplane,
+    pneumothorax = a coin flip per patient, 'left' known for 2 of 3 patients only, fracture always 0."""
+    d = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((120, 16))
+    emb = np.repeat(base, 2, axis=0) + 0.05 * rng.standard_normal((240, 16))
+    w = np.eye(16)[0]
+    cons = (np.repeat(base, 2, axis=0) @ w > 0).astype(int)
+    coin = np.repeat(rng.integers(0, 2, 120), 2)
+    left = np.repeat((base[:, 1] > 0).astype(int), 2).astype(object)
+    left[np.repeat(np.arange(120) % 3 == 0, 2)] = ""          # unknown for every third patient
+    ids = np.array([f"img{i}" for i in range(240)])
+    np.save(d / "e.npy", unit(emb).astype(np.float32))
+    np.save(d / "e_image_ids.npy", ids)
+    np.save(d / "e_patient_ids.npy", np.repeat([f"p{i}" for i in range(120)], 2))
+    (d / "e_meta.json").write_text(json.dumps({"model_name": "planted", "resume": None, "class_names": ["a"]}))
+    rows = ["image_id,consolidation,pneumothorax,left,fracture"]
+    rows += [f"{i},{c},{p},{lf},0" for i, c, p, lf in zip(ids, cons, coin, left)]
+    (d / "labels.csv").write_text("\n".join(rows) + "\n")
+    return d, cons, left
+
+
+def test_probe_finds_planted_concepts_and_not_random_ones(planted, tmp_path, capsys):
+    d, cons, left = planted
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", d / "labels.csv", "--save-dir", tmp_path]) == 0
+    res = json.loads((tmp_path / "probes.json").read_text())
+    c = res["concepts"]
+    assert c["consolidation"]["auroc"] > 0.97                   # a linear concept: near 1
+    assert 0.35 < c["pneumothorax"]["auroc"] < 0.65             # a coin flip: near 0.5
+    assert c["consolidation"]["n_pos"] == int(cons.sum()) and c["consolidation"]["n_neg"] == 240 - int(cons.sum())
+    known = left != ""
+    assert c["left"]["n_pos"] + c["left"]["n_neg"] == int(known.sum()) == 160   # blanks are not counted
+    assert c["left"]["auroc"] > 0.97
+    assert c["fracture"]["auroc"] is None and "only one value" in c["fracture"]["note"]
+    assert res["grouped_by"] == "patient" and res["model"].startswith("planted") and res["seed"] == 0
+    z = np.load(tmp_path / "probes.npz")
+    assert list(z["concepts"]) == ["consolidation", "pneumothorax", "left"] and z["weights"].shape == (3, 16)
+    # the consolidation probe points along the planted direction
+    assert abs(unit(z["weights"][0]) @ np.eye(16)[0]) > 0.9
+    out = capsys.readouterr().out
+    assert "consolidation" in out and "only one value" in out
+    # the outputs are not replaced without --overwrite
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", d / "labels.csv", "--save-dir", tmp_path]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_profile_from_probes_is_the_logistic_of_the_probe(planted, tmp_path):
+    d, _, _ = planted
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", d / "labels.csv",
+                "--save-dir", tmp_path / "p"]) == 0
+    assert run(["profile", "--probes", tmp_path / "p" / "probes.npz", "--embeddings", d / "e.npy",
+                "--output", tmp_path / "prof.csv"]) == 0
+    prof = csv.reader(open(tmp_path / "prof.csv"))
+    head, first = next(prof), next(prof)
+    z = np.load(tmp_path / "p" / "probes.npz")
+    e = np.load(d / "e.npy")[0].astype(np.float64)
+    expect = 1 / (1 + np.exp(-(z["weights"].astype(np.float64) @ e + z["bias"])))
+    assert head == ["image_id", "consolidation", "pneumothorax", "left"] and first[0] == "img0"
+    assert [float(x) for x in first[1:]] == pytest.approx(expect, abs=1e-4)
+
+
+def test_span_share_inside_orthogonal_and_by_hand():
+    e = np.eye(4)
+    w = np.array([[2.0, 0, 0, 0], [1, 1, 0, 0]])                # span {e0, e1}
+    assert C.span_share(unit(e[0] + e[1]), [unit(e[0] + 2 * e[1])], w) == pytest.approx([1.0])
+    assert C.span_share(unit(e[2] + e[3]), [unit(e[2] + 0.5 * e[3])], w) == pytest.approx([0.0])
+    # q = (e0 + e2)/sqrt2, r = (e0 + 2 e2)/sqrt5: cos 3/sqrt10, inside part 1/sqrt10 -> share 1/3
+    assert C.span_share(unit(e[0] + e[2]), [unit(e[0] + 2 * e[2])], w) == pytest.approx([1 / 3])
+
+
+def test_explain_names_shared_and_one_sided_findings(tmp_path, capsys):
+    # axes: 0 consolidation, 1 ground glass, 2 'right', 3 free; probes 10 * axis - 5 (so 0.71 -> p 0.89, 0 -> p 0.01)
+    e = np.eye(4)
+    emb = unit([e[0] + e[2],                 # query: consolidation, right
+                e[0] + e[2] + 0.1 * e[3],    # nearest: consolidation, right (+ a little outside the span)
+                e[1] + e[2],                 # ground glass, right
+                e[3]])                       # nothing
+    np.save(tmp_path / "e.npy", emb.astype(np.float32))
+    np.save(tmp_path / "e_image_ids.npy", np.array(["q", "a", "b", "c"]))
+    np.savez(tmp_path / "probes.npz", concepts=np.array(["consolidation", "ground_glass_opacity", "right"]),
+             weights=10 * e[:3].astype(np.float32), bias=np.full(3, -5.0, np.float32),
+             model=np.array("unknown (no _meta.json beside the embeddings)"), embedding_dim=np.array(4))
+    assert run(["explain", "--embeddings", tmp_path / "e.npy", "--probes", tmp_path / "probes.npz", "--query", "q",
+                "--k", "2", "--save-dir", tmp_path / "x"]) == 0
+    out = json.loads((tmp_path / "x" / "explain_q.json").read_text())
+    r1, r2 = out["results"]
+    assert (r1["image_id"], r2["image_id"]) == ("a", "b")
+    assert [s["concept"] for s in r1["shared"]] == ["consolidation"] and r1["shared"][0]["query_modifiers"] == ["right"]
+    assert r1["span_share"] == pytest.approx(1.0)               # the query lies in the span: q . r = Pq . Pr
+    assert [s["concept"] for s in r2["query_only"]] == ["consolidation"]
+    assert [s["concept"] for s in r2["result_only"]] == ["ground_glass_opacity"] and r2["shared"] == []
+    assert "UMLS C0521530" in r1["summary"] and "RadLex RID43255" in r1["summary"] and "100% of the cosine" in r1["summary"]
+    assert "only the result shows ground-glass opacity (UMLS C3544344) [right]" in r2["summary"]
+    assert (tmp_path / "x" / "explain_q.md").read_text().startswith("# Query q")
+
+
+def test_bad_input_is_one_clear_line(planted, tmp_path, capsys):
+    d, _, _ = planted
+    (tmp_path / "unknown.csv").write_text("image_id,consolidation,flux capacitor,GGO,blorb\nimg0,1,0,1,0\n")
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", tmp_path / "unknown.csv",
+                "--save-dir", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown concept" in err and "'flux capacitor'" in err and "'blorb'" in err and "GGO" not in err.split("[")[1]
+    assert not (tmp_path / "o").exists()
+    # labels of images that are not embedded: a note (some match) or an error (none match)
+    (tmp_path / "extra.csv").write_text((d / "labels.csv").read_text() + "ghost1,1,0,1,0\nghost2,0,1,0,0\n")
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", tmp_path / "extra.csv",
+                "--save-dir", tmp_path / "o2"]) == 0
+    assert "2 labelled images are not in the embeddings and are ignored (first: ghost1, ghost2)" in capsys.readouterr().out
+    (tmp_path / "none.csv").write_text("image_id,consolidation\nghost1,1\nghost2,0\n")
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", tmp_path / "none.csv",
+                "--save-dir", tmp_path / "o3"]) == 2
+    assert "none of its 2 image ids is in the embeddings" in capsys.readouterr().err
+    (tmp_path / "value.csv").write_text("image_id,consolidation\nimg0,yes\n")
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", tmp_path / "value.csv",
+                "--save-dir", tmp_path / "o4"]) == 2
+    assert "value.csv:2" in capsys.readouterr().err
+    # probes of another model are refused
+    assert run(["probe", "--embeddings", d / "e.npy", "--concept-labels", d / "labels.csv",
+                "--save-dir", tmp_path / "p"]) == 0
+    np.save(tmp_path / "g.npy", np.load(d / "e.npy")[:, :8])
+    np.save(tmp_path / "g_image_ids.npy", np.load(d / "e_image_ids.npy"))
+    assert run(["profile", "--probes", tmp_path / "p" / "probes.npz", "--embeddings", tmp_path / "g.npy",
+                "--output", tmp_path / "x.csv"]) == 2
+    assert "16-d" in capsys.readouterr().err
+
+
+def test_chexpert_and_chestxray14_readers(tmp_path):
+    (tmp_path / "train.csv").write_text(
+        "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Edema,Pleural Effusion\n"
+        "CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,F,68,Frontal,AP,1.0,,0.0,\n"
+        "CheXpert-v1.0/train/patient00002/study2/view1_frontal.jpg,M,50,Frontal,PA,,-1.0,1.0,1.0\n")
+    lab = read_concept_labels(tmp_path / "train.csv", VOCAB)
+    assert lab.concepts == ["normal", "cardiomegaly", "pulmonary_edema", "pleural_effusion"]
+    assert list(lab.image_ids) == ["patient00001_study1_view1_frontal", "patient00002_study2_view1_frontal"]
+    assert list(lab.patient_ids) == ["patient00001", "patient00002"]
+    v = lab.values
+    assert v[0, 0] == 1 and math.isnan(v[0, 1]) and v[0, 2] == 0 and math.isnan(v[1, 1]) and v[1, 3] == 1
+    ones = read_concept_labels(tmp_path / "train.csv", VOCAB, "chexpert", uncertain="positive")
+    assert ones.values[1, 1] == 1
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID\n00000001_000.png,Cardiomegaly|Effusion,0,1\n"
+        "00000002_000.png,No Finding,0,2\n")
+    nih = read_concept_labels(tmp_path / "Data_Entry_2017.csv", VOCAB)
+    j = {c: i for i, c in enumerate(nih.concepts)}
+    assert len(nih.concepts) == 15 and list(nih.image_ids) == ["00000001_000", "00000002_000"]
+    assert nih.values[0, j["cardiomegaly"]] == 1 and nih.values[0, j["pleural_effusion"]] == 1
+    assert nih.values[0, j["mass"]] == 0 and nih.values[1, j["normal"]] == 1   # complete labels: unlisted = 0
+    (tmp_path / "bad14.csv").write_text("Image Index,Finding Labels\n1.png,Cardiomegaly|Unicorn\n")
+    with pytest.raises(ValueError, match=r"bad14.csv:2: unknown ChestX-ray14 label\(s\) \['Unicorn'\]"):
+        read_concept_labels(tmp_path / "bad14.csv", VOCAB)
+
+
+def test_demo_concept_labels_follow_the_pa_convention(tmp_path):
+    from make_demo_data import _patient_params, _render, make_demo_data, planted_findings
+    for i in range(6):  # pneumonia: the blob drawn on the image left is the patient's right
+        params = _patient_params(np.random.default_rng([0, i]), 1)
+        f = planted_findings(params)
+        diff = (_render(params, 64, np.random.default_rng([0, i, 0])).astype(int)
+                - _render({**params, "blobs": []}, 64, np.random.default_rng([0, i, 0])).astype(int))
+        image_left = diff[:, :32].sum() > diff[:, 32:].sum()
+        assert (f["right"], f["left"], f["bilateral"]) == ((1, 0, 0) if image_left else (0, 1, 0))
+        assert f["consolidation"] == f["focal"] == 1 and f["ground_glass_opacity"] == 0
+    covid = planted_findings(_patient_params(np.random.default_rng([0, 2]), 2))
+    assert covid["bilateral"] == covid["peripheral"] == covid["multifocal"] == covid["ground_glass_opacity"] == 1
+    assert covid["central"] == 0
+    normal = planted_findings(_patient_params(np.random.default_rng([0, 0]), 0))
+    assert normal["opacity"] == 0 and normal["left"] is None
+    make_demo_data(tmp_path, num_patients=6, images_per_patient=2, size=40)
+    lab = read_concept_labels(tmp_path / "concept_labels.csv", VOCAB)
+    assert len(lab.image_ids) == 12 and np.isnan(lab.values[0, 3])  # demo0000 is normal: laterality unknown
+
+
+# --------------------------------------------------------------------------- ConceptCLIP stand-in
+
+MODELING = '''
+import math
+import torch
+import torch.nn as nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class PlantedCLIPConfig(PretrainedConfig):
+    model_type = "planted_conceptclip"
+
+
+class PlantedCLIP(PreTrainedModel):
+    """Tokens = red * e0 + green * e1 + 0.5 * e3 per 4 x 4 patch; text 'consolidation' -> e0,
+    'ground' -> e1, negated by 'no'; every text also has e3. So red marks consolidation, green ground glass."""
+    config_class = PlantedCLIPConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+        self.post_init()
+
+    def encode_image(self, pixel_values):
+        x = torch.nn.functional.avg_pool2d(pixel_values, 4)          # (B, 3, 7, 7) patch means
+        b, _, g, _ = x.shape
+        t = torch.zeros(b, g * g, 4)
+        t[..., 0], t[..., 1], t[..., 3] = x[:, 0].flatten(1), x[:, 1].flatten(1), 0.5
+        return t.mean(1), t
+
+    def encode_text(self, input_ids):
+        out = torch.zeros(len(input_ids), 4)
+        out[:, 3] = 1.0
+        for i, (code, neg) in enumerate(input_ids.tolist()):
+            if code:
+                out[i, code - 1] = -1.0 if neg else 1.0
+        return out
+
+    def forward(self, pixel_values=None, input_ids=None):
+        return {"image_features": self.encode_image(pixel_values)[0]}
+'''
+
+PROCESSING = '''
+import torch
+from transformers import ProcessorMixin
+
+
+class PlantedProcessor(ProcessorMixin):
+    attributes = ["image_processor"]
+    image_processor_class = "SiglipImageProcessor"
+
+    def __init__(self, image_processor=None, **kwargs):
+        super().__init__(image_processor, **kwargs)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if text is not None:
+            code = lambda t: 1 if "consolidation" in t else 2 if "ground" in t else 0
+            return {"input_ids": torch.tensor([[code(t.lower()), int(" no " in t)] for t in text])}
+        return self.image_processor(images, **kwargs)
+'''
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    d = tmp_path_factory.mktemp("planted_conceptclip")
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "planted_conceptclip", "architectures": ["PlantedCLIP"],
+        "auto_map": {"AutoConfig": "modeling_planted.PlantedCLIPConfig", "AutoModel": "modeling_planted.PlantedCLIP"}}))
+    (d / "modeling_planted.py").write_text(textwrap.dedent(MODELING))
+    (d / "processing_planted.py").write_text(textwrap.dedent(PROCESSING))
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PlantedProcessor",
+        "auto_map": {"AutoProcessor": "processing_planted.PlantedProcessor"},
+        "do_resize": True, "size": {"height": 28, "width": 28}, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0, 0, 0], "image_std": [1, 1, 1]}))
+    from safetensors.torch import save_file
+    save_file({"logit_scale": torch.tensor(math.log(20.0))}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_conceptclip_zero_shot_and_maps_on_planted_directions(standin, tmp_path):
+    imgs = tmp_path / "test"
+    imgs.mkdir()
+    red = np.zeros((28, 28, 3), np.uint8)
+    red[:12, :12, 0] = 255                                      # consolidation, top-left
+    green = np.zeros((28, 28, 3), np.uint8)
+    green[16:, 16:, 1] = 255                                    # ground glass, bottom-right
+    Image.fromarray(red).save(imgs / "red.png")
+    Image.fromarray(green).save(imgs / "green.png")
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(imgs / "black.png")
+    (tmp_path / "list.txt").write_text("p1 red.png pneumonia\np2 green.png COVID-19\np3 black.png normal\n")
+    assert run(["profile", "--conceptclip-path", standin, "--dataset-dir", tmp_path, "--test-image-list",
+                tmp_path / "list.txt", "--concepts", "consolidation", "GGO", "pneumothorax",
+                "--output", tmp_path / "cc.csv", "--maps", tmp_path / "maps.npz", "--device", "cpu"]) == 0
+    prof = csv.reader(open(tmp_path / "cc.csv"))
+    head = next(prof)
+    rows = {r[0]: [float(x) for x in r[1:]] for r in prof}
+    assert head == ["image_id", "consolidation", "ground_glass_opacity", "pneumothorax"]
+    assert rows["red"][0] > 0.9 and rows["green"][1] > 0.9      # the planted concept of each image
+    # no evidence either way: the positive and the negative prompt are equally close -> exactly 1/2
+    assert rows["red"][1] == pytest.approx(0.5) and rows["green"][0] == pytest.approx(0.5)
+    assert rows["black"] == pytest.approx([0.5, 0.5, 0.5]) and rows["red"][2] == pytest.approx(0.5)
+    z = np.load(tmp_path / "maps.npz")
+    maps = z["maps"]
+    assert maps.shape == (3, 3, 7, 7) and list(z["image_ids"]) == ["red", "green", "black"]
+    # where in the image: the consolidation map peaks in the red patches, the ground-glass map in the green ones
+    r, c = np.unravel_index(maps[0, 0].argmax(), (7, 7))
+    assert r < 3 and c < 3 and maps[0, 0, 0, 0] > maps[0, 0, 6, 6]
+    r, c = np.unravel_index(maps[1, 1].argmax(), (7, 7))
+    assert r >= 4 and c >= 4
