@@ -386,6 +386,32 @@ def score_queries(detector, embeddings):
     return scores, detector.flag(scores)
 
 
+def checkpoint_embedding_dim(path):
+    """The embedding width a checkpoint gives, read without loading its tensors (None when unreadable:
+    the script's own checkpoint loading then reports the problem)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["embedding_dim"])
+    except Exception:
+        return None
+
+
+def query_report(detector, scores, flags, image_ids=None, labels=None):
+    """(summary dict, CSV text image_id,label,ood_score,ood_flagged) to show beside retrieval results."""
+    n = len(scores)
+    ids = np.arange(n).astype(str) if image_ids is None else np.asarray(image_ids).astype(str)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "label", "ood_score", "ood_flagged"])
+    for i in range(n):
+        w.writerow([ids[i], "" if labels is None else int(labels[i]), f"{scores[i]:.6g}", int(flags[i])])
+    summary = {"reference": detector.info.get("reference"), "method": detector.method, "k": detector.k,
+               "threshold": detector.threshold, "accept": detector.info.get("accept"),
+               "calibration": detector.info.get("calibration"), "num_queries": n, "num_flagged": int(np.sum(flags)),
+               "flagged_image_ids": ids[np.asarray(flags, bool)].tolist(), "score": CONVENTION["score"]}
+    return summary, buf.getvalue()
+
+
 # ----------------------------------------------------------------------------- far-OOD copies
 
 BLUR_SIGMA = 0.03   # Gaussian blur std as a fraction of the shorter image side

@@ -14,6 +14,9 @@ From saved embeddings (the files extract_embeddings.py writes):
     python test.py --embeddings emb/convnext.npy --labels emb/convnext_labels.npy \
         --image-ids emb/convnext_image_ids.npy --patient-ids emb/convnext_patient_ids.npy --save-dir results/convnext
 
+With an OOD warning per query (ood.py's kNN score against the archive's saved embeddings, flag at 95% ID):
+    python test.py --resume CKPT --dataset-dir DIR --test-image-list test.txt --ood-reference emb/train.npy --ood-k 50
+
 Evaluation is single-process (one matrix product per chunk of queries); under torchrun use
 train.py's built-in test evaluation instead. Definitions and the tie rule: metrics.py docstring.
 Writes SAVE_DIR/results.json, embeddings.npz, confusion_matrix.png and retrieval_examples.png
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 
 import metrics
+import ood
 from dataset import LABEL_MAPS, ImageListDataset, get_data_parser, load_image, test_image_dir, train_image_dir
-from utils import ensure_writable_dir, get_device, git_revision, print_args, save_json
+from utils import atomic_write_text, ensure_writable_dir, get_device, git_revision, print_args, save_json
 
 
 def get_args_parser():
@@ -69,6 +73,13 @@ def get_args_parser():
     g.add_argument("--num-examples", type=int, default=5, help="queries drawn in retrieval_examples.png")
     g.add_argument("--save-dir", type=Path, default=Path("./results"))
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    g = p.add_argument_group("out-of-distribution warning (ood.py)")
+    g.add_argument("--ood-reference", type=Path, default=None,
+                   help="archive embeddings TRAIN_EMB.npy (extract_embeddings.py layout): each query gets an OOD "
+                        "score (larger = more unusual) and a flag at a threshold that accepts 95%% of a seeded "
+                        "held-out part of the archive; written to query_ood.csv and results.json")
+    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
+    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
     return p
 
 
@@ -228,8 +239,8 @@ def plot_confusion(cm, names, k, path):
     plt.close(fig)
 
 
-def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
-    """A few seeded queries with their top-k; green frame = relevant, red = not."""
+def plot_examples(ranking, query, gallery, names, num, seed, path, k=5, ood_flags=None):
+    """A few seeded queries with their top-k; green frame = relevant, red = not; OOD-flagged queries say so."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -249,7 +260,9 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
 
     name = lambda c: names[c] if names is not None and c < len(names) else str(c)  # noqa: E731
     for row, qi in zip(axes, qs):
-        show(row[0], query["paths"][qi], f"query: {name(query['labels'][qi])}", "black")
+        flagged = ood_flags is not None and ood_flags[qi]
+        show(row[0], query["paths"][qi], f"query: {name(query['labels'][qi])}" + ("\nOOD: unlike the archive"
+             if flagged else ""), "darkorange" if flagged else "black")
         for j in range(k):
             gi = ranking.indices[qi, j]
             rel = bool(ranking.relevant[qi, j])
@@ -262,12 +275,23 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
 
 def run(args):
     check_args(args)
+    ood_ref = None
+    if args.ood_reference is not None:  # fitted and checked before any image is embedded
+        ood_ref = ood.load_reference(args.ood_reference, args.ood_method, args.ood_k, seed=args.seed,
+                                     expected_dim=ood.checkpoint_embedding_dim(args.resume) if args.resume else None)
     save_dir = ensure_writable_dir(args.save_dir)
     print_args(args)
     if args.resume is not None:
         query, gallery, names = embeddings_from_checkpoint(args)
     else:
         query, gallery, names = embeddings_from_files(args)
+    ood_flags = None
+    if ood_ref is not None:
+        ood_scores, ood_flags = ood.score_queries(ood_ref, query["embeddings"])
+        ood_summary, ood_csv = ood.query_report(ood_ref, ood_scores, ood_flags, query["image_ids"], query["labels"])
+        print(f"OOD warning: {ood_summary['num_flagged']} of {len(ood_flags)} queries are unlike the archive "
+              f"({args.ood_method} score > {ood_ref.threshold:.4g}; {ood_ref.info['calibration']}); per query: "
+              f"{save_dir / 'query_ood.csv'}")
     loo = gallery is None
     gal = query if loo else gallery
     qp, gp = query["patient_ids"], gal["patient_ids"]
@@ -307,6 +331,8 @@ def run(args):
         hit = [len(set(a[:k]) & set(b[:k])) for a, b in zip(ranking.indices, exact.indices)]
         res[f"faiss_recall@{k}"] = float(np.mean(hit) / k)
         print(f"faiss {args.faiss_index}: recall@{k} against exact search {res[f'faiss_recall@{k}']:.4f}")
+    if ood_ref is not None:
+        res["ood"] = ood_summary
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))
@@ -322,7 +348,10 @@ def run(args):
         cm_names = list(res["vote"][vk]["per_class"])
         plot_confusion(res["vote"][vk]["confusion_matrix"], cm_names, vk, save_dir / "confusion_matrix.png")
     if query["paths"] is not None and args.num_examples > 0:
-        plot_examples(ranking, query, gal, names, args.num_examples, args.seed, save_dir / "retrieval_examples.png")
+        plot_examples(ranking, query, gal, names, args.num_examples, args.seed, save_dir / "retrieval_examples.png",
+                      ood_flags=ood_flags)
+    if ood_ref is not None:
+        atomic_write_text(save_dir / "query_ood.csv", ood_csv)
     save_json(res, save_dir / "results.json")  # last, so its presence means a complete run
     print(f"\nwrote {save_dir / 'results.json'}")
     return 0
