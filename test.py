@@ -16,6 +16,9 @@ and X_meta.json beside X.npy are found by default, --labels etc. override them):
     # queries against a separately extracted gallery: labels are matched by class NAME (each _meta.json)
     python test.py --embeddings emb/test.npy --gallery-embeddings emb/train.npy --exclude-same-patient
 
+With an OOD warning per query (ood.py's kNN score against the archive's saved embeddings, flag at 95% ID):
+    python test.py --resume CKPT --dataset-dir DIR --test-image-list test.txt --ood-reference emb/train.npy --ood-k 50
+
 Evaluation is single-process (one matrix product per chunk of queries); under torchrun use
 train.py's built-in test evaluation instead. Definitions and the tie rule: metrics.py docstring.
 Writes SAVE_DIR/results.json, embeddings.npz, confusion_matrix.png and retrieval_examples.png
@@ -30,9 +33,10 @@ import numpy as np
 import torch
 
 import metrics
+import ood
 from dataset import (LABEL_MAPS, ImageListDataset, align_class_names, embedding_sidecars, get_data_parser, load_image,
                      read_class_names, resolve_class_names, test_image_dir, train_image_dir)
-from utils import check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args, save_json, set_seed
+from utils import atomic_write_text, check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args, save_json, set_seed
 
 
 def get_args_parser():
@@ -84,6 +88,13 @@ def get_args_parser():
                         "hP@k (default for --dataset covid: data/ontology/covidx_hierarchy.txt; 'none': skip)")
     g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    g = p.add_argument_group("out-of-distribution warning (ood.py)")
+    g.add_argument("--ood-reference", type=Path, default=None,
+                   help="archive embeddings TRAIN_EMB.npy (extract_embeddings.py layout): each query gets an OOD "
+                        "score (larger = more unusual) and a flag at a threshold that accepts 95%% of a seeded "
+                        "held-out part of the archive; written to query_ood.csv and results.json")
+    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
+    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
     return p
 
 
@@ -318,9 +329,9 @@ def example_queries(ranking, num, seed):
     return np.array(qs, dtype=np.int64), np.array([i < n_miss for i in range(len(qs))])
 
 
-def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
+def plot_examples(ranking, query, gallery, names, num, seed, path, k=5, ood_flags=None):
     """Example queries with their top-k, failures first; titles give image and patient ids.
-    Green frame = relevant (same label), red = not."""
+    Green frame = relevant (same label), red = not; OOD-flagged queries say so."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -343,8 +354,10 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
     short = lambda t: t if len(t) <= 20 else f"{t[:9]}~{t[-9:]}"  # noqa: E731 (UUID-like ids fit a panel)
     ident = lambda s, i: f"{short(str(s['image_ids'][i]))}\npatient {short(str(s['patient_ids'][i]))}"  # noqa: E731
     for row, qi, bad in zip(axes, qs, failed):
+        flagged = ood_flags is not None and ood_flags[qi]
         show(row[0], query["paths"][qi], f"{'FAILURE' if bad else 'success'} query: {name(query['labels'][qi])}\n"
-             f"{ident(query, qi)}", "black")
+             f"{ident(query, qi)}" + ("\nOOD: unlike the archive" if flagged else ""),
+             "darkorange" if flagged else "black")
         for j in range(k):
             gi = ranking.indices[qi, j]
             rel = bool(ranking.relevant[qi, j])
@@ -359,12 +372,23 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5):
 
 def run(args):
     check_args(args)
+    ood_ref = None
+    if args.ood_reference is not None:  # fitted and checked before any image is embedded
+        ood_ref = ood.load_reference(args.ood_reference, args.ood_method, args.ood_k, seed=args.seed,
+                                     expected_dim=ood.checkpoint_embedding_dim(args.resume) if args.resume else None)
     print_args(args)
     set_seed(args.seed)
     if args.resume is not None:
         query, gallery, names = embeddings_from_checkpoint(args)
     else:
         query, gallery, names = embeddings_from_files(args)
+    ood_flags = None
+    if ood_ref is not None:
+        ood_scores, ood_flags = ood.score_queries(ood_ref, query["embeddings"])
+        ood_summary, ood_csv = ood.query_report(ood_ref, ood_scores, ood_flags, query["image_ids"], query["labels"])
+        print(f"OOD warning: {ood_summary['num_flagged']} of {len(ood_flags)} queries are unlike the archive "
+              f"({args.ood_method} score > {ood_ref.threshold:.4g}; {ood_ref.info['calibration']}); per query: "
+              f"{Path(args.save_dir) / 'query_ood.csv'}")
     loo = gallery is None
     gal = query if loo else gallery
     qp, gp = query["patient_ids"], gal["patient_ids"]
@@ -424,6 +448,8 @@ def run(args):
                                             k_values=args.k_values, bootstrap=args.bootstrap, seed=args.seed)
         res["ci95"].update(hres.pop("ci95"))
         res.update(hres)
+    if ood_ref is not None:
+        res["ood"] = ood_summary
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))
@@ -440,7 +466,10 @@ def run(args):
         cm_names = list(res["vote"][vk]["per_class"])
         plot_confusion(res["vote"][vk]["confusion_matrix"], cm_names, vk, save_dir / "confusion_matrix.png")
     if query["paths"] is not None and args.num_examples > 0:
-        plot_examples(ranking, query, gal, names, args.num_examples, args.seed, save_dir / "retrieval_examples.png")
+        plot_examples(ranking, query, gal, names, args.num_examples, args.seed, save_dir / "retrieval_examples.png",
+                      ood_flags=ood_flags)
+    if ood_ref is not None:
+        atomic_write_text(save_dir / "query_ood.csv", ood_csv)
     save_json(res, save_dir / "results.json")  # last, so its presence means a complete run
     print(f"\nwrote {save_dir / 'results.json'}")
     return 0

@@ -98,6 +98,9 @@ def get_args_parser():
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="validation and test retrieval drop gallery images of the query's own patient "
                         "(as test.py --exclude-same-patient); without it they count as matches")
+    g.add_argument("--exclude-classes", nargs="+", default=None, metavar="NAME",
+                   help="drop these classes from training and validation (their test images stay), e.g. "
+                        "COVID-19 for the X-MIR anomaly protocol; -p must not exceed the classes left")
     g.add_argument("--save-freq", type=int, default=10, help="keep an _epoch_E_ checkpoint every N epochs")
     g.add_argument("--save-dir", type=Path, default=Path("checkpoints"), help="parent folder of the run folder")
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
@@ -401,6 +404,25 @@ def main(args):
         utils.cleanup_distributed()
 
 
+def drop_classes(dataset, names, labels_per_batch=None):
+    """The dataset without the images of classes `names` (--exclude-classes); -p is checked against what is left."""
+    unknown = [n for n in names if n not in dataset.class_names]
+    if unknown:
+        raise ValueError(f"--exclude-classes {' '.join(unknown)}: not a class of --dataset {dataset.dataset} "
+                         f"(classes: {', '.join(dataset.class_names)})")
+    drop = [dataset.class_names.index(n) for n in names]
+    keep = np.flatnonzero(~np.isin(dataset.labels, drop))
+    if len(keep) == 0:
+        raise ValueError(f"--exclude-classes {' '.join(names)} leaves no image of {dataset.list_file}")
+    left = sorted({dataset.class_names[c] for c in dataset.labels[keep]})
+    if labels_per_batch is not None and len(left) < max(2, labels_per_batch):
+        need = ("triplets need at least 2 classes" if len(left) < 2 else
+                f"-p/--labels-per-batch {labels_per_batch} is larger than that: pass -p {len(left)}")
+        raise ValueError(f"--exclude-classes {' '.join(names)} leaves {len(left)} classes in {dataset.list_file} "
+                         f"({', '.join(left)}); {need}")
+    return dataset.subset(keep)
+
+
 def setup(args):
     """Every check that can fail on bad input, before anything is written or trained."""
     if args.resume is not None and not Path(args.resume).is_file():  # the cheapest check first
@@ -455,6 +477,9 @@ def setup(args):
         val_set = ds.ImageListDataset(args.train_image_list, tr_dir, args.dataset, transform=eval_tf,
                                       class_names=classes, check_files=False).subset(va_idx)
         train_set = train_set.subset(tr_idx)
+    if args.exclude_classes:  # after the split, so validation patients are the same with and without it
+        train_set = drop_classes(train_set, args.exclude_classes, args.labels_per_batch)
+        val_set = drop_classes(val_set, args.exclude_classes) if val_set is not None else None
     test_set = None
     if args.test_image_list is not None:
         test_set = ds.ImageListDataset(args.test_image_list, ds.test_image_dir(args.dataset_dir, args.test_dataset_dir),
