@@ -220,8 +220,8 @@ def fit_detector(method, train, labels=None, *, k=50, knn_backend="torch", shrin
     train = np.asarray(train)
     if method == "knn":
         if k < 1 or k > len(train):
-            raise ValueError(f"--k {k}: must be between 1 and the number of archive embeddings the kNN score "
-                             f"searches ({len(train)}); pass a smaller --k")
+            raise ValueError(f"k = {k} must be between 1 and the {len(train)} archive embeddings the kNN score "
+                             f"searches; pass a smaller k (ood.py --k, test.py --ood-k)")
         state = {"train": metrics.as_embeddings(train, "training embeddings")}
         info = {"num_fit": len(train)}
     elif method == "mahalanobis":
@@ -853,11 +853,12 @@ def plot(path, id_scores, ood_scores, far_scores, threshold, method):
         b.plot(fpr.numpy(), tpr.numpy(), label=f"{name}: AUROC {auc:.3f}")
         b.plot([np.mean(id_scores > threshold)], [np.mean(s > threshold)], "ko", ms=4)
         drawn = True
-    if not drawn:
+    if drawn:
+        b.legend(fontsize=8, loc="lower right")
+    else:
         b.text(0.5, 0.5, "no ID or no OOD rows:\nROC n/a", ha="center", va="center")
     b.set_xlabel("ID flagged (false positive rate)"), b.set_ylabel("OOD flagged (true positive rate)")
     b.set_title("ROC, OOD positive; dots: the calibrated threshold", fontsize=9)
-    b.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     tmp = path.with_name(".tmp_" + path.name)
     fig.savefig(tmp, dpi=110, format="png")
