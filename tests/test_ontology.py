@@ -132,6 +132,8 @@ def npy(tmp_path):
 
 def test_test_py_prints_and_saves_the_default_hierarchy_metrics(npy, capsys):
     d, emb, labels = npy
+    # the class names travel with the embeddings (X_meta.json), as extract_embeddings.py writes them
+    (d / "e_meta.json").write_text(json.dumps({"class_names": ["normal", "pneumonia", "COVID-19"]}))
     args = test_script.get_args_parser().parse_args(
         ["--embeddings", str(d / "e.npy"), "--labels", str(d / "e_labels.npy"), "--save-dir", str(d / "r"),
          "--bootstrap", "50", "--k-values", "1", "5"])
