@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
+
 CHECKPOINT_FORMAT = "cxr-retrieval"
 CHECKPOINT_VERSION = 1
 
@@ -127,8 +129,11 @@ def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretr
     img_size is passed only to models that take it (ViTs); conv nets are size-agnostic.
     """
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
+        import difflib
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown timm model '{name}' (set by --backbone, --convnext-backbone or "
-                         "--vit-backbone); see timm.list_models()")
+                         f"--vit-backbone){hint} (all names: timm.list_models())")
     kwargs = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -213,10 +218,41 @@ def _timm_norm(backbone):
            [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
 
 
-def _is_nchw_conv(backbone):
-    # timm models whose forward_features gives an NCHW map (conv nets). Token models (ViT) and
-    # NHWC models (Swin) have no map MXA could act on.
-    return getattr(backbone, "output_fmt", "NCHW") == "NCHW" and not hasattr(backbone, "patch_embed")
+def feature_shape(backbone, img_size):
+    """Shape of forward_features for one img_size x img_size image, found by a dry run on the meta
+    device (shapes only: no memory, no compute), so any timm model is judged by what it outputs rather
+    than by its class. Raises ValueError, naming the model and the size, when the model cannot take
+    that size (fixed-resolution attention biases, e.g. EfficientFormer at other than 224)."""
+    # A meta twin: deepcopy with every tensor pre-mapped to a meta stand-in copies no data, keeps shared
+    # weights shared, and never touches the real model.
+    memo = {}
+    for p in backbone.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for t in backbone.buffers():
+        memo[id(t)] = torch.empty_like(t, device="meta")
+    twin = copy.deepcopy(backbone, memo)
+    x = torch.empty(2, 3, img_size, img_size, device="meta")  # 2: BatchNorm in train mode needs >1 value
+    try:
+        with torch.no_grad():
+            f = twin.forward_features(x)
+        if not torch.is_tensor(f):
+            raise TypeError(f"forward_features returned {type(f).__name__}, not a tensor")
+    except Exception as e:
+        name = backbone.pretrained_cfg.get("architecture", type(backbone).__name__)
+        default = backbone.pretrained_cfg.get("input_size", (None,))[-1]
+        hint = f" (its default size is {default})" if default else ""
+        raise ValueError(f"timm model '{name}' cannot take {img_size} x {img_size} inputs{hint}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}. Choose another --img-size "
+                         "or another backbone.") from e
+    return tuple(f.shape)
+
+
+def has_spatial_map(backbone, img_size):
+    """True when forward_features gives an NCHW map (B, C, H, W) with C the feature width: the layout MXA
+    (and a CAM) acts on. Token outputs (ViT, MLP-Mixer, ResMLP, gMLP, LeViT, CoaT: (B, N, C)) and NHWC
+    maps (Swin: (B, H, W, C)) are not."""
+    shape = feature_shape(backbone, img_size)
+    return len(shape) == 4 and shape[1] == backbone.num_features
 
 
 def _pooled_width(backbone):
@@ -231,6 +267,10 @@ class EmbeddingModel(nn.Module):
 
     model_name = None
     ARG_NAMES = ()
+
+    def __init__(self):
+        super().__init__()
+        self.notes = []  # what was decided while building (e.g. MXA skipped), printed and checkpointed
 
     def pretrained_modules(self):
         return []
@@ -270,7 +310,14 @@ class TimmEmbedding(EmbeddingModel):
             raise ValueError(f"model '{self.model_name}' needs a timm model name: --backbone NAME "
                              "(e.g. --backbone convnextv2_atto)")
         self.backbone = create_backbone(backbone, pretrained, pretrained_weights, img_size)
-        use_mxa = bool(use_mxa) and _is_nchw_conv(self.backbone)  # stored as what is applied
+        shape = feature_shape(self.backbone, img_size)  # also refuses a size the model cannot take
+        spatial = len(shape) == 4 and shape[1] == self.backbone.num_features
+        if use_mxa and not spatial:
+            # ViT / MLP-Mixer / ResMLP / gMLP / LeViT / CoaT give tokens (B, N, C), Swin an NHWC map:
+            # nothing MXA's spatial attention could act on. Said in the log and the checkpoint.
+            self.notes.append(f"MXA not applied: timm model '{backbone}' gives features of shape "
+                              f"{tuple(shape)} at {img_size} px, not a spatial (B, C, H, W) map")
+        use_mxa = bool(use_mxa) and spatial  # stored as what is applied
         self.mxa = MXA(self.backbone.num_features) if use_mxa else None
         width = _pooled_width(self.backbone)
         self.proj = nn.Linear(width, embedding_dim) if embedding_dim else None
@@ -356,7 +403,8 @@ class HybridConvNeXtViT(EmbeddingModel):
                                         flag="--convnext-weights")
         self.vit = create_backbone(vit_backbone, pretrained, vit_weights, img_size,
                                    flag="--vit-weights")
-        if not _is_nchw_conv(self.convnext):
+        shape = feature_shape(self.convnext, img_size)
+        if not (len(shape) == 4 and shape[1] == self.convnext.num_features):
             raise ValueError(f"--convnext-backbone {convnext_backbone} does not give an NCHW feature "
                              "map; the hybrid's first branch must be a conv net (e.g. convnextv2_atto)")
         self.mxa = MXA(self.convnext.num_features) if use_mxa else None
@@ -548,7 +596,11 @@ def build_model(name, **model_args):
     kwargs = {k: model_args.get(k, DEFAULT_MODEL_ARGS[k]) for k in cls.ARG_NAMES}
     if kwargs.get("embedding_dim") is not None and int(kwargs["embedding_dim"]) < 1:
         raise ValueError(f"--embedding-dim must be >= 1, got {kwargs['embedding_dim']}")
-    return cls(**kwargs)
+    model = cls(**kwargs)
+    for note in model.notes:
+        if utils.is_main_process():
+            print(f"note: {note}")
+    return model
 
 
 def _unwrap(model):
@@ -635,7 +687,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: the message says which file, why, and what to do."""
 
 
-_RESERVED = ("format", "format_version", "model_name", "model_args", "embedding_dim", "model")
+_RESERVED = ("format", "format_version", "model_name", "model_args", "embedding_dim", "model", "model_notes")
 
 
 def make_checkpoint(model, **extra):
@@ -646,7 +698,8 @@ def make_checkpoint(model, **extra):
         raise ValueError(f"make_checkpoint: extra keys {clash} are reserved")
     return {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
             "model_name": model.model_name, "model_args": copy.deepcopy(model.model_args),
-            "embedding_dim": int(model.embedding_dim), "model": model.state_dict(), **extra}
+            "embedding_dim": int(model.embedding_dim), "model": model.state_dict(),
+            "model_notes": list(getattr(model, "notes", [])), **extra}
 
 
 def read_checkpoint(path, map_location="cpu"):

@@ -124,6 +124,51 @@ def test_mxa_placement_and_timm_token_models():
     assert vit.mxa is None and vit.model_args["use_mxa"] is False  # stored as applied
 
 
+# The smallest timm configuration of each token/NHWC family: MXA needs a (B, C, H, W) map, which these
+# do not give, so the default --model timm (MXA on) must skip it rather than crash in the forward pass.
+TOKEN_FAMILIES = [("resmlp_12_224", 64), ("mixer_s32_224", 64), ("gmlp_ti16_224", 64), ("levit_128s", 64),
+                  ("efficientformer_l1", 224), ("coat_lite_tiny", 64), ("swin_tiny_patch4_window7_224", 64)]
+
+
+@pytest.mark.parametrize("backbone,size", TOKEN_FAMILIES)
+def test_timm_token_families_skip_mxa_and_say_so(backbone, size, capsys):
+    m = M.build_model("timm", backbone=backbone, img_size=size, pretrained=False, embedding_dim=8).eval()
+    assert "MXA not applied" in capsys.readouterr().out  # the log says so
+    assert m.mxa is None and m.model_args["use_mxa"] is False
+    with torch.no_grad():
+        z = m(torch.randn(2, 3, size, size))
+    assert z.shape == (2, 8) and unit_rows(z)
+    ckpt = M.make_checkpoint(m)  # ... and the checkpoint
+    assert ckpt["model_args"]["use_mxa"] is False and "MXA not applied" in ckpt["model_notes"][0]
+
+
+def test_spatial_map_found_by_dry_run_not_by_class():
+    # LeViT's conv variant gives an NCHW map, its token variant does not: same family, different answer
+    conv = M.build_model("timm", backbone="levit_conv_128s", img_size=64, pretrained=False)
+    assert conv.mxa is not None and conv.mxa.ca.mlp[0].in_channels == conv.backbone.num_features
+    assert M.make_checkpoint(conv)["model_notes"] == []
+    assert M.feature_shape(conv.backbone, 64) == (2, 384, 1, 1)
+    # the dry run runs on a meta twin: the real model, shared weights included (CoaT), is untouched
+    coat = timm.create_model("coat_lite_tiny", pretrained=False, num_classes=0, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = coat.forward_features(x)
+    assert M.feature_shape(coat, 64) == (2, 5, 320)
+    assert not any(t.is_meta for t in list(coat.parameters()) + list(coat.buffers()))
+    with torch.no_grad():
+        assert torch.equal(coat.forward_features(x), before)
+
+
+def test_size_a_model_cannot_take_is_refused_with_its_default():
+    with pytest.raises(ValueError, match=r"'efficientformer_l1' cannot take 64 x 64 inputs \(its default size is 224\)"):
+        M.build_model("timm", backbone="efficientformer_l1", img_size=64, pretrained=False)
+
+
+def test_unknown_timm_name_suggests_close_names():
+    with pytest.raises(ValueError, match="did you mean convnextv2_atto"):
+        M.build_model("timm", backbone="convnextv2_atoo", pretrained=False)
+
+
 def test_hybrid_widths_and_fusion_layers(atto_hybrid):
     m = atto_hybrid
     assert (m.conv_dim, m.vit_dim) == (320, 192)
