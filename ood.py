@@ -396,15 +396,19 @@ def checkpoint_embedding_dim(path):
         return None
 
 
-def query_report(detector, scores, flags, image_ids=None, labels=None):
-    """(summary dict, CSV text image_id,label,ood_score,ood_flagged) to show beside retrieval results."""
+def query_report(detector, scores, flags, image_ids=None, labels=None, class_names=None):
+    """(summary dict, CSV text image_id,label,ood_score,ood_flagged) to show beside retrieval results.
+    The label column holds the class name when class_names is given, else the integer id."""
     n = len(scores)
     ids = np.arange(n).astype(str) if image_ids is None else np.asarray(image_ids).astype(str)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image_id", "label", "ood_score", "ood_flagged"])
     for i in range(n):
-        w.writerow([ids[i], "" if labels is None else int(labels[i]), f"{scores[i]:.6g}", int(flags[i])])
+        label = "" if labels is None else int(labels[i])
+        if labels is not None and class_names is not None:
+            label = class_names[label]
+        w.writerow([ids[i], label, f"{scores[i]:.6g}", int(flags[i])])
     summary = {"reference": detector.info.get("reference"), "method": detector.method, "k": detector.k,
                "threshold": detector.threshold, "accept": detector.info.get("accept"),
                "calibration": detector.info.get("calibration"), "num_queries": n, "num_flagged": int(np.sum(flags)),

@@ -385,7 +385,8 @@ def run(args):
     ood_flags = None
     if ood_ref is not None:
         ood_scores, ood_flags = ood.score_queries(ood_ref, query["embeddings"])
-        ood_summary, ood_csv = ood.query_report(ood_ref, ood_scores, ood_flags, query["image_ids"], query["labels"])
+        ood_summary, ood_csv = ood.query_report(ood_ref, ood_scores, ood_flags, query["image_ids"], query["labels"],
+                                                class_names=names)
         print(f"OOD warning: {ood_summary['num_flagged']} of {len(ood_flags)} queries are unlike the archive "
               f"({args.ood_method} score > {ood_ref.threshold:.4g}; {ood_ref.info['calibration']}); per query: "
               f"{Path(args.save_dir) / 'query_ood.csv'}")

@@ -357,7 +357,15 @@ def test_test_script_ood_reference(emb_dir, tmp_path, capsys):
     assert res["ood"]["num_flagged"] >= 5 and res["ood"]["flagged_image_ids"][-5:] == [f"q{i}" for i in range(16, 21)]
     rows = list(csv.DictReader((tmp_path / "r" / "query_ood.csv").open()))
     assert len(rows) == 21 and all(r["ood_flagged"] == "1" for r in rows[16:])
+    # the label column holds the class names of q_meta.json
+    q_labels = np.load(tmp_path / "q_labels.npy")
+    assert [r["label"] for r in rows] == [NAMES[int(v)] for v in q_labels]
     assert "unlike the archive" in capsys.readouterr().out
+    # hand-made arrays without a meta file keep their integer ids as names
+    (tmp_path / "q_meta.json").unlink()
+    assert test_script.main(test_script.get_args_parser().parse_args(argv[:-1] + [str(tmp_path / "r_ids")])) == 0
+    rows = list(csv.DictReader((tmp_path / "r_ids" / "query_ood.csv").open()))
+    assert [r["label"] for r in rows] == [str(int(v)) for v in q_labels]
     save_set(tmp_path, "ref8", unit(np.random.default_rng(1).normal(size=(60, 8))), np.zeros(60))
     bad = argv[:argv.index("--ood-reference")] + ["--ood-reference", str(tmp_path / "ref8.npy"), "--ood-k", "5", "--save-dir",
                                                    str(tmp_path / "r2")]
