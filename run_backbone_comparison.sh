@@ -11,9 +11,26 @@
 #     bash run_backbone_comparison.sh
 # Multi-GPU extraction: NPROC=4 (torchrun). CPU: DEVICE=cpu. Any two models: MODEL1_ARGS / MODEL2_ARGS hold the
 # extract_embeddings.py model flags (e.g. MODEL2_ARGS="--resume other_best_ckpt.pth").
-# Embeddings already in EMB_DIR are reused (set OVERWRITE=1 to extract again); the comparison is always redone.
+# Interpreter: PYTHON=/path/to/venv/bin/python (default: python on PATH); it must import torch.
+# Embeddings already in EMB_DIR are reused. Results already in OUT_DIR are never replaced silently: the run
+# stops before any work unless --overwrite (or OVERWRITE=1) is given, which also extracts the embeddings again.
+#
+# Usage: bash run_backbone_comparison.sh [--overwrite] [--help]   (settings: the environment variables below)
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    echo "Settings (environment variables, with their defaults):"
+    sed -n '/^# -* settings/,/^# -* the two models/p' "$0" | grep -E '^[A-Z0-9_]+=' | sed 's/^/    /'
+}
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) usage; exit 0 ;;
+        --overwrite) OVERWRITE=1 ;;
+        *) echo "error: unknown argument '$arg'; run: bash $0 --help" >&2; exit 2 ;;
+    esac
+done
 
 # ----------------------------------------------------------------------------- settings (override from the environment)
 PYTHON=${PYTHON:-python}
@@ -31,7 +48,7 @@ OUT_DIR=${OUT_DIR:-results/backbone_comparison}
 EMB_DIR=${EMB_DIR:-$OUT_DIR/embeddings}
 BATCH_SIZE=${BATCH_SIZE:-32}
 CONCEPTCLIP_BATCH_SIZE=${CONCEPTCLIP_BATCH_SIZE:-8}
-WORKERS=${WORKERS:-4}
+WORKERS=${WORKERS:-}                            # empty -> extract_embeddings.py's default (at most the cores there are)
 DEVICE=${DEVICE:-}                              # empty -> cuda when available, else cpu
 NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --nproc_per_node=NPROC
 K=${K:-5}
@@ -47,6 +64,26 @@ DEMO_EPOCHS=${DEMO_EPOCHS:-4}
 DEMO_SAVE_DIR=${DEMO_SAVE_DIR:-checkpoints/demo}
 
 # ----------------------------------------------------------------------------- the two models
+# the interpreter first: a venv that is not on PATH must be named, not silently replaced by the system python
+if ! command -v "$PYTHON" > /dev/null 2>&1; then
+    echo "error: PYTHON=$PYTHON not found; set PYTHON to the interpreter of your environment (e.g. PYTHON=.venv/bin/python)" >&2
+    exit 2
+fi
+if ! TORCH_ERR=$("$PYTHON" -c "import torch" 2>&1); then
+    echo "error: $PYTHON ($(command -v "$PYTHON")) cannot import torch: ${TORCH_ERR##*$'\n'}" >&2
+    echo "       set PYTHON to the interpreter where the requirements are installed (e.g. PYTHON=.venv/bin/python)" >&2
+    exit 2
+fi
+# results already there: refuse before any work (never replace a manual test_backbone.py run silently)
+EXISTING=()
+for f in backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png; do
+    [[ -e "$OUT_DIR/$f" ]] && EXISTING+=("$OUT_DIR/$f")
+done
+if [[ ${#EXISTING[@]} -gt 0 && "$OVERWRITE" != 1 ]]; then
+    echo "error: OUT_DIR=$OUT_DIR already holds results (${EXISTING[*]}); set another OUT_DIR, or pass --overwrite" \
+         "(or OVERWRITE=1) to replace them (the embeddings are then extracted again)" >&2
+    exit 2
+fi
 if [[ -z "$DATASET_DIR" ]]; then
     echo "== no DATASET_DIR set: running the demo on $DEMO_DIR (set DATASET_DIR, TEST_LIST, CONVNEXT_CKPT for real data)"
     if [[ ! -f "$DEMO_DIR/test_split.txt" ]]; then
@@ -97,12 +134,13 @@ fi
 # ----------------------------------------------------------------------------- steps 1 and 2: embeddings
 mkdir -p "$EMB_DIR" "$OUT_DIR"
 if [[ "$NPROC" -gt 1 ]]; then
-    LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC")
+    LAUNCH=("$PYTHON" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")  # torchrun of $PYTHON
 else
     LAUNCH=("$PYTHON")
 fi
 COMMON=(--dataset "$DATASET" --dataset-dir "$DATASET_DIR" --test-image-list "$TEST_LIST" --batch-size "$BATCH_SIZE"
-        --conceptclip-batch-size "$CONCEPTCLIP_BATCH_SIZE" --workers "$WORKERS")
+        --conceptclip-batch-size "$CONCEPTCLIP_BATCH_SIZE" --seed "$SEED")
+[[ -n "$WORKERS" ]] && COMMON+=(--workers "$WORKERS")
 [[ -n "$TEST_DATASET_DIR" ]] && COMMON+=(--test-dataset-dir "$TEST_DATASET_DIR")
 [[ -n "$DEVICE" ]] && COMMON+=(--device "$DEVICE")
 [[ "$OVERWRITE" == 1 ]] && COMMON+=(--overwrite)
@@ -125,7 +163,8 @@ read -r -a ALPHAS <<< "$FUSION_ALPHAS"
 CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
      --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
      --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
-     --seed "$SEED" --overwrite)
+     --seed "$SEED")
+[[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
 [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
 echo "== comparing $MODEL1_NAME and $MODEL2_NAME"
 "$PYTHON" test_backbone.py "${CMP[@]}"

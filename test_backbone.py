@@ -41,31 +41,33 @@ import metrics
 from utils import ensure_writable_dir, print_args, save_json
 
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009)
-DEFAULT_CLASS_NAMES = dataset.class_names("covid")  # normal, pneumonia, COVID-19 for labels 0, 1, 2
 RESULT_FILES = ("backbone_comparison_results.npz", "backbone_comparison_results.json", "overlap_histogram.png")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings", add_help=True)
+    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
                    help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
     p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
                    help="N x D2 .npy of model 2, same images in the same order (old name --conceptclip-embeddings)")
-    p.add_argument("--model1-name", default="ConvNeXtV2")
-    p.add_argument("--model2-name", default="ConceptCLIP")
+    p.add_argument("--model1-name", default="ConvNeXtV2", help="name of model 1 in the table, plots and results")
+    p.add_argument("--model2-name", default="ConceptCLIP", help="name of model 2 in the table, plots and results")
     p.add_argument("--labels", default=None, help="N int labels (.npy); default: X_labels.npy beside model 1")
     p.add_argument("--image-ids", default=None, help="N image ids (.npy); default: X_image_ids.npy beside each file")
     p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); default: X_patient_ids.npy beside model 1")
     p.add_argument("--image-dir", default=None, help="folder of the images, for the query visualisations")
     p.add_argument("--image-list", default=None,
                    help="optional list file (patient_id filename label ...) mapping image ids to file names")
-    p.add_argument("--save-dir", default="./results/backbone_comparison")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--save-dir", default="./results/backbone_comparison",
+                   help="folder for the results (created; existing results are kept unless --overwrite)")
+    p.add_argument("--k", type=int, default=5, help="length of the top-k lists (overlap@k, mAP@k, fusion mAP@k)")
     p.add_argument("--visualize-samples", type=int, default=5, help="number of query_{idx}_comparison.png (0: none)")
     p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="weights of model 1 in alpha * sim1 + (1 - alpha) * sim2")
     p.add_argument("--class-names", nargs="+", default=None,
-                   help="names of labels 0, 1, ... (default: X_meta.json beside model 1, else normal pneumonia COVID-19)")
+                   help="names of labels 0, 1, ... for files without X_meta.json (default: the names in the "
+                        "X_meta.json files, else the integer ids themselves)")
     p.add_argument("--exclude-same-patient", action="store_true",
                    help="also remove other images of the query's patient from the gallery")
     p.add_argument("--seed", type=int, default=0, help="seeds the held-out split and the visualised queries")
@@ -132,12 +134,26 @@ def load_inputs(args):
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels file {label_path}: expected integer labels, got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
+    # Class identity travels with the files (X_meta.json): model 2's label ids are compared with model 1's by
+    # class NAME, since two extractions of a generic list may number the same classes differently.
+    names1, names2 = dataset.read_class_names(p1), dataset.read_class_names(p2)
     other_labels = _sibling(p2, "labels")
     if other_labels.is_file() and other_labels != label_path:
         l2 = _load(other_labels, "labels")
-        if l2.shape != labels.shape or (l2 != labels).any():
-            diff = n if l2.shape != labels.shape else int((l2 != labels).sum())
-            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {diff} of {n} positions")
+        if l2.shape != labels.shape:
+            raise ValueError(f"labels disagree: {label_path} and {other_labels} hold {labels.size} and {l2.size} "
+                             f"labels")
+        names, l1, l2 = dataset.align_class_names(names1, labels, names2, l2, p1, p2)
+        if (l2 != l1).any():
+            where = np.flatnonzero(l1 != l2)
+            show = (lambda v: names[v]) if names else (lambda v: int(v))
+            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {len(where)} of {n} "
+                             f"positions (first at row {where[0]}: {show(l1[where[0]])!r} vs {show(l2[where[0]])!r}"
+                             f"{', compared by class name' if names else ''})")
+        if names2 is not None and names1 is not None and names != names1:
+            raise ValueError(f"{p2} names classes that {p1} lacks ({[c for c in names if c not in names1]}); "
+                             f"both files must be of the same images")
+    args._class_names_found = names1 if names1 is not None else names2
 
     # Every id file that exists must agree with every other, position by position.
     id_files = [Path(args.image_ids)] if args.image_ids else []
@@ -182,12 +198,13 @@ def check_args(args, n, labels, patient_ids=None):
     bad = [a for a in args.fusion_alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise ValueError(f"--fusion-alphas {bad}: each alpha must lie in [0, 1]")
-    names = args.class_names
-    p1 = Path(args.model1_embeddings)
-    meta = p1.with_name(f"{p1.stem}_meta.json")
-    if names is None and meta.is_file():  # written by extract_embeddings.py: the list's own class names
-        names = json.loads(meta.read_text()).get("class_names")
-    names = names or DEFAULT_CLASS_NAMES
+    found = getattr(args, "_class_names_found", None)
+    if found is not None and args.class_names is not None and list(args.class_names) != found:
+        raise ValueError(f"--class-names {args.class_names} differ from the class names in the _meta.json beside "
+                         f"{args.model1_embeddings} ({found}); drop the flag")
+    names = found or (list(args.class_names) if args.class_names else None)
+    if names is None:  # hand-made arrays: the integer ids are the names
+        names = [str(i) for i in range(int(labels.max()) + 1)]
     if labels.min() < 0 or labels.max() >= len(names):
         raise ValueError(f"labels range {labels.min()}..{labels.max()} but there are {len(names)} class names "
                          f"({names}); pass --class-names with one name per label")
@@ -353,17 +370,49 @@ def heldout_alpha(fusion_aps, alphas, seed):
 
 
 def interpret(mean_overlap, rho, best_fusion, map1, map2, k):
+    """One line. best_fusion, map1 and map2 must be scored on the same queries (main passes the held-out
+    half: alpha chosen on the other half)."""
     low, high = 0.6 * k, 0.8 * k
     if mean_overlap < low and rho < 0.6 and best_fusion > max(map1, map2):
         return (f"Fusion looks beneficial: the backbones retrieve different images (mean overlap@{k} "
-                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the best fusion ({best_fusion:.4f}) "
-                f"beats both models.")
+                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the held-out fusion ({best_fusion:.4f}) "
+                f"beats both models on the same held-out queries.")
     if mean_overlap > high and rho > 0.8:
         return (f"Fusion is not beneficial: the backbones retrieve nearly the same images (mean overlap@{k} "
                 f"{mean_overlap:.2f} > {high:g}, rho {rho:.2f} > 0.8).")
     beats = "beats" if best_fusion > max(map1, map2) else "does not beat"
-    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the best fusion "
-            f"({best_fusion:.4f}) {beats} the better model ({max(map1, map2):.4f}); check the held-out alpha.")
+    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the held-out fusion "
+            f"({best_fusion:.4f}) {beats} the better model on the same queries ({max(map1, map2):.4f}).")
+
+
+def print_summary(names, k, n, r, maps, fulls, no_rel, fusion_maps, zscore_maps, rrf_map, alphas, held, pair):
+    """Three tables, each over one set of queries, so no row is compared with a row scored on other queries;
+    the pair statistics (overlap, rho) describe the two models together and are printed apart."""
+    key = f"mAP@{k}"
+    h_alpha, h_map, ev1, ev2, ev_rrf, n_sel, n_ev = held
+    mean_overlap, pct_low, mean_rho, std_rho = pair
+    rows = [f"Fusion alpha={a:g}" for a in alphas] + [f"Z-score fusion alpha={a:g}" for a in alphas]
+    w = max(len(x) for x in rows + list(names) + [f"Fusion alpha={h_alpha:g} (held-out)", f"RRF (k={RRF_K})"]) + 2
+
+    def table(title, body, cols):
+        print(f"\n{title}")
+        print(f"{'':<{w}}" + "".join(f"| {c:>8} " for c in cols))
+        print("-" * (w + 11 * len(cols)))
+        for name, vals in body:
+            print(f"{name:<{w}}" + "".join(f"| {v:>8.4f} " for v in vals))
+
+    table(f"per model, all {n} queries" + (f" ({no_rel} without any relevant image left out of mAP)" if no_rel else ""),
+          [(names[0], (maps[0], r["r1_1"].mean(), fulls[0])), (names[1], (maps[1], r["r1_2"].mean(), fulls[1]))],
+          (key, "R@1", "mAP"))
+    table(f"fusion, all {n} queries (alpha picked on these same queries would be optimistic; see held-out below)",
+          [(f"Fusion alpha={a:g}", (m,)) for a, m in zip(alphas, fusion_maps)]
+          + [(f"Z-score fusion alpha={a:g}", (m,)) for a, m in zip(alphas, zscore_maps)]
+          + [(f"RRF (k={RRF_K})", (rrf_map,))], (key,))
+    table(f"held-out: alpha chosen on {n_sel} queries, every row scored on the other {n_ev}",
+          [(names[0], (ev1,)), (names[1], (ev2,)), (f"Fusion alpha={h_alpha:g} (held-out)", (h_map,)),
+           (f"RRF (k={RRF_K})", (ev_rrf,))], (key,))
+    print(f"\npair statistics ({names[0]} vs {names[1]}, all {n} queries): Mean Overlap@{k} {mean_overlap:.2f} of "
+          f"{k}; {100 * pct_low:.1f}% of queries share <= {k // 2}; Spearman rho {mean_rho:.3f} (std {std_rho:.3f})")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -385,16 +434,19 @@ def plot_overlap_histogram(overlaps, k, names, path):
 
 
 def choose_queries(overlaps, num, seed):
-    """A low-, a medium- and a high-overlap query (seeded among equals), then random distinct ones."""
+    """[(query, case)]: the lowest-, a median- and the highest-overlap query (seeded among equals), then random
+    distinct ones; case says which, for the figure's title."""
     rng = np.random.default_rng(seed)
     picks = []
-    for target in (overlaps.min(), np.median(overlaps), overlaps.max()):
+    for case, target in (("lowest overlap", overlaps.min()), ("median overlap", np.median(overlaps)),
+                         ("highest overlap", overlaps.max())):
         dist = np.abs(overlaps - target)
-        cands = [i for i in np.flatnonzero(dist == dist.min()) if i not in picks]
+        cands = [i for i in np.flatnonzero(dist == dist.min()) if i not in [p for p, _ in picks]]
         if cands and len(picks) < num:
-            picks.append(int(rng.choice(cands)))
-    rest = [i for i in rng.permutation(len(overlaps)) if i not in picks]
-    return picks + [int(i) for i in rest[: max(num - len(picks), 0)]]
+            picks.append((int(rng.choice(cands)), case))
+    taken = {p for p, _ in picks}
+    rest = [int(i) for i in rng.permutation(len(overlaps)) if int(i) not in taken]
+    return picks + [(i, "random query") for i in rest[: max(num - len(picks), 0)]]
 
 
 def _image_finder(image_dir, image_list):
@@ -418,7 +470,7 @@ def _image_finder(image_dir, image_list):
     return find
 
 
-def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, find, k, overlap, path):
+def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, find, k, overlap, path, case=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -450,7 +502,10 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         sims = emb[top[q]] @ emb[q]
         for j, g in enumerate(top[q]):
             ok = labels[g] == labels[q]
-            show(axes[r, j], g, f"{name} #{j + 1}\n{class_names[labels[g]]} {sims[j]:.4f}", "green" if ok else "red")
+            show(axes[r, j], g, f"{name} #{j + 1}: {image_ids[g]}\n{class_names[labels[g]]}  cos {sims[j]:.4f}",
+                 "green" if ok else "red")
+    fig.suptitle(f"{case}: query {image_ids[q]} (row {q}), {overlap} of {k} results shared by {names[0]} and "
+                 f"{names[1]}" if case else f"query {image_ids[q]} (row {q})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -495,24 +550,10 @@ def main(args):
     print(f"computed in {time.time() - t0:.1f} s")
 
     key = f"mAP@{k}"
-    ov = f"Mean Overlap@{k}"
-    print(f"\n{names[0]}: R@1 {r['r1_1'].mean():.4f}  mAP {full1:.4f}    "
-          f"{names[1]}: R@1 {r['r1_2'].mean():.4f}  mAP {full2:.4f}"
-          + (f"  ({no_rel} queries without any relevant image left out of mAP)" if no_rel else ""))
-    rows = [(names[0], map1, f"{mean_overlap:.2f}", f"{mean_rho:.3f}"),
-            (names[1], map2, f"{mean_overlap:.2f}", f"{mean_rho:.3f}")]
-    rows += [(f"Fusion alpha={a:g}", m, "-", "-") for a, m in zip(alphas, fusion_maps)]
-    rows += [(f"Z-score fusion alpha={a:g}", m, "-", "-") for a, m in zip(alphas, zscore_maps)]
-    rows += [(f"RRF (k={RRF_K})", rrf_map, "-", "-"),
-             (f"Held-out alpha={h_alpha:g}", h_map, "-", "-")]
-    w = max(len(x[0]) for x in rows) + 2
-    print(f"{'Model':<{w}}| {key:>8} | {ov:>16} | {'Spearman rho':>12}")
-    print("-" * (w + 44))
-    for name, m, o, s in rows:
-        print(f"{name:<{w}}| {m:>8.4f} | {o:>16} | {s:>12}")
-    print(f"(held-out: alpha chosen on {n - len(evaluate)} queries, mAP@{k} on the other {len(evaluate)}; there "
-          f"{names[0]} {r['ap1'][evaluate].mean():.4f}, {names[1]} {r['ap2'][evaluate].mean():.4f})")
-    print(f"{100 * pct_low:.1f}% of queries share <= {k // 2} of their top-{k}; rho std {std_rho:.3f}")
+    ev1, ev2, ev_rrf = (float(r[x][evaluate].mean()) for x in ("ap1", "ap2", "rrf"))
+    print_summary(names, k, n, r, (map1, map2), (full1, full2), no_rel, fusion_maps, zscore_maps, rrf_map, alphas,
+                  (h_alpha, h_map, ev1, ev2, ev_rrf, n - len(evaluate), len(evaluate)),
+                  (mean_overlap, pct_low, mean_rho, std_rho))
     hier = {}
     if hierarchy is not None:  # on each model's top-k lists (metrics.py tie rule and exclusions)
         for key, name in (("top1", names[0]), ("top2", names[1])):
@@ -521,8 +562,8 @@ def main(args):
             print(f"{name}: AHD@{k} {h[f'AHD@{k}']:.4f}  MS@{k} "
                   + ("n/a" if h[f"MS@{k}"] is None else f"{h[f'MS@{k}']:.4f}") + f"  hP@{k} {h[f'hP@{k}']:.4f}"
                   + f"  (hierarchy {args.hierarchy}, H = {hierarchy.H:g})")
-    best_fusion = float(max(fusion_maps.max(), zscore_maps.max(), rrf_map))
-    print(interpret(mean_overlap, mean_rho, best_fusion, map1, map2, k))
+    # judged on the held-out queries: a fusion weight picked on the queries it is scored on flatters fusion
+    print(interpret(mean_overlap, mean_rho, h_map, ev1, ev2, k))
 
     np.savez(save_dir / RESULT_FILES[0], model1_name=names[0], model2_name=names[1], model1_map=map1,
              model2_map=map2, overlaps=overlaps, mean_overlap=mean_overlap, correlations=rho,
@@ -539,7 +580,8 @@ def main(args):
         "fusion": [{"alpha": a, key: float(m)} for a, m in zip(alphas, fusion_maps)],
         "fusion_zscore": [{"alpha": a, key: float(m)} for a, m in zip(alphas, zscore_maps)],
         "rrf": {key: rrf_map},
-        "heldout": {"alpha": h_alpha, key: h_map},
+        "heldout": {"alpha": h_alpha, key: h_map, "num_select": n - len(evaluate), "num_eval": len(evaluate),
+                    "model1": {key: ev1}, "model2": {key: ev2}, "rrf": {key: ev_rrf}},
     }, save_dir / RESULT_FILES[1])
     plot_overlap_histogram(overlaps, k, names, save_dir / RESULT_FILES[2])
 
@@ -549,9 +591,9 @@ def main(args):
         if args.image_dir is None or missing:
             print(f"note: images not found for {missing} of the first {min(n, 50)} ids"
                   + ("" if args.image_dir else " (no --image-dir)") + "; they are drawn as labelled blanks")
-        for q in choose_queries(overlaps, min(args.visualize_samples, n), args.seed):
+        for q, case in choose_queries(overlaps, min(args.visualize_samples, n), args.seed):
             plot_query(q, e1, e2, r["top1"], r["top2"], labels, image_ids, class_names, names, find, k,
-                       int(overlaps[q]), save_dir / f"query_{q}_comparison.png")
+                       int(overlaps[q]), save_dir / f"query_{q}_comparison.png", case)
     print(f"\nresults in {save_dir}/: {', '.join(RESULT_FILES)}"
           + (", query_*_comparison.png" if args.visualize_samples > 0 else ""))
     return 0

@@ -165,7 +165,8 @@ def test_main_writes_exact_keys_and_plots(tmp_path, capsys):
     assert list(res["model1"]) == ["name", "mAP@5", "R@1", "mAP"] and res["model1"]["name"] == "A"
     assert [list(f) for f in res["fusion"]] == [["alpha", "mAP@5"]] * 3
     assert [f["alpha"] for f in res["fusion_zscore"]] == [0.3, 0.5, 0.7]
-    assert list(res["rrf"]) == ["mAP@5"] and list(res["heldout"]) == ["alpha", "mAP@5"]
+    assert list(res["rrf"]) == ["mAP@5"]
+    assert list(res["heldout"]) == ["alpha", "mAP@5", "num_select", "num_eval", "model1", "model2", "rrf"]
     assert res["num_queries"] == 30 and 0 <= res["pct_low_overlap"] <= 1 and 0 <= res["mean_overlap"] <= 5
     with np.load(out / "backbone_comparison_results.npz") as z:
         assert sorted(z.files) == sorted(["model1_name", "model2_name", "model1_map", "model2_map", "overlaps",
@@ -228,3 +229,89 @@ def test_missing_labels_and_bad_k(tmp_path):
         tb.load_inputs(args_for(tmp_path, str(tmp_path / "m1.npy"), b))
     with pytest.raises(ValueError, match="--k 30"):
         tb.check_args(args_for(tmp_path, "x", "y", "--k", "30"), 30, labels)
+
+
+def write_meta(folder, name, class_names):
+    (folder / f"{name}_meta.json").write_text(json.dumps({"class_names": class_names}))
+
+
+def test_labels_of_the_two_files_are_matched_by_class_name(tmp_path):
+    e1, e2, labels = random_sets()
+    # model 2 was extracted from a generic list whose classes got another numbering: same classes, other ids
+    order2 = ["c", "a", "b"]
+    labels2 = np.array([order2.index("abc"[v]) for v in labels])
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels2)
+    write_meta(tmp_path, "m1", ["a", "b", "c"]), write_meta(tmp_path, "m2", order2)
+    args = args_for(tmp_path, a, b)
+    _, _, got, _, _ = tb.load_inputs(args)
+    assert got.tolist() == labels.tolist()
+    assert tb.check_args(args, 30, got) == ["a", "b", "c"]
+    # a real disagreement is reported by name
+    bad = labels2.copy()
+    bad[4] = (bad[4] + 1) % 3
+    np.save(tmp_path / "m2_labels.npy", bad)
+    with pytest.raises(ValueError, match=r"differ at 1 of 30 positions \(first at row 4: .*compared by class name"):
+        tb.load_inputs(args_for(tmp_path, a, b))
+    # names on one side only: ids cannot be matched, both files named
+    np.save(tmp_path / "m2_labels.npy", labels2)
+    (tmp_path / "m2_meta.json").unlink()
+    with pytest.raises(ValueError, match=r"m1\.npy carries class names .* but .*m2\.npy has none"):
+        tb.load_inputs(args_for(tmp_path, a, b))
+
+
+def test_files_without_meta_keep_integer_ids_as_names(tmp_path):
+    e1, e2, labels = random_sets()
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
+    args = args_for(tmp_path, a, b)
+    _, _, got, _, _ = tb.load_inputs(args)
+    assert tb.check_args(args, 30, got) == ["0", "1", "2"]
+    write_meta(tmp_path, "m1", ["a", "b", "c"])
+    write_meta(tmp_path, "m2", ["a", "b", "c"])
+    args = args_for(tmp_path, a, b, "--class-names", "x", "y", "z")
+    tb.load_inputs(args)
+    with pytest.raises(ValueError, match="--class-names .* differ"):
+        tb.check_args(args, 30, got)
+
+
+def test_table_prints_pair_statistics_apart_and_heldout_rows_on_the_same_queries(tmp_path, capsys):
+    e1, e2, labels = random_sets()
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
+    assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--model1-name", "A",
+                            "--model2-name", "B", "--seed", "3")) == 0
+    text = capsys.readouterr().out
+    res = json.loads((tmp_path / "out" / "backbone_comparison_results.json").read_text())
+    with np.load(tmp_path / "out" / "backbone_comparison_results.npz") as z:
+        ap1, ap2 = z["aps_model1"], z["aps_model2"]
+    # the held-out half, recomputed by hand from the seeded split: every held-out row is scored on it
+    evaluate = np.sort(np.random.default_rng(3).permutation(30)[15:])
+    h = res["heldout"]
+    assert (h["num_select"], h["num_eval"]) == (15, 15)
+    assert h["model1"]["mAP@5"] == pytest.approx(ap1[evaluate].mean())
+    assert h["model2"]["mAP@5"] == pytest.approx(ap2[evaluate].mean())
+    held = text[text.index("held-out: alpha chosen on 15 queries, every row scored on the other 15"):]
+    assert f"{ap1[evaluate].mean():.4f}" in held.split("pair statistics")[0]
+    # model rows carry no pair values; the pair statistics are one line of their own
+    model_rows = [ln for ln in text.splitlines() if ln.startswith(("A ", "B "))]
+    # (mAP@5, R@1, mAP) on all queries, then mAP@5 on the held-out half: no overlap or rho column
+    assert [ln.count("|") for ln in model_rows] == [3, 3, 1, 1]
+    pair = [ln for ln in text.splitlines() if ln.startswith("pair statistics")]
+    assert len(pair) == 1 and f"Mean Overlap@5 {res['mean_overlap']:.2f}" in pair[0]
+    assert f"Spearman rho {res['mean_spearman']:.3f}" in pair[0]
+    assert not any("Spearman" in ln for ln in model_rows)
+
+
+def test_visualised_queries_name_their_case():
+    overlaps = np.array([3, 0, 5, 2, 5, 1])
+    picks = tb.choose_queries(overlaps, 5, seed=0)
+    assert picks[0] == (1, "lowest overlap")
+    assert picks[1][1] == "median overlap" and overlaps[picks[1][0]] in (2, 3)  # median 2.5: 2 and 3 are nearest
+    assert picks[2][1] == "highest overlap" and picks[2][0] in (2, 4)
+    assert [c for _, c in picks[3:]] == ["random query"] * 2
+    assert len({q for q, _ in picks}) == 5
+
+
+def test_help_shows_defaults_and_documents_every_flag():
+    p = tb.get_args_parser()
+    undocumented = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+    assert undocumented == []
+    assert "(default: 5)" in p.format_help()
