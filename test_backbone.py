@@ -491,7 +491,7 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         for s in ax.spines.values():
             s.set_edgecolor(colour), s.set_linewidth(3)
 
-    fig, axes = plt.subplots(3, k, figsize=(2.2 * k, 7.2), squeeze=False)
+    fig, axes = plt.subplots(3, k, figsize=(2.4 * k, 7.8), squeeze=False)
     for ax in axes[0, 1:]:
         ax.axis("off")
     show(axes[0, 0], q, f"query {q}: {class_names[labels[q]]}\n{image_ids[q]}", "black")
@@ -502,7 +502,7 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         sims = emb[top[q]] @ emb[q]
         for j, g in enumerate(top[q]):
             ok = labels[g] == labels[q]
-            show(axes[r, j], g, f"{name} #{j + 1}: {image_ids[g]}\n{class_names[labels[g]]}  cos {sims[j]:.4f}",
+            show(axes[r, j], g, f"{name} #{j + 1}\n{image_ids[g]}\n{class_names[labels[g]]}  cos {sims[j]:.4f}",
                  "green" if ok else "red")
     fig.suptitle(f"{case}: query {image_ids[q]} (row {q}), {overlap} of {k} results shared by {names[0]} and "
                  f"{names[1]}" if case else f"query {image_ids[q]} (row {q})", fontsize=10)
