@@ -210,17 +210,21 @@ def map_to_original(saliency, orig_hw, data_config):
     (crop: shorter side resized to int(1.125 S) then centre crop; squash: resize to S x S). Pixels the crop
     dropped are 0."""
     size, (h, w) = int(data_config["img_size"]), orig_hw
-    m = torch.as_tensor(np.asarray(saliency, np.float32))[None, None]
     if data_config["resize_mode"] == "squash":
-        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
-    rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
-    top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
-    canvas = torch.zeros(1, 1, rh, rw)
-    canvas[..., top:top + size, left:left + size] = m
-    out = F.interpolate(canvas, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-    ys, xs = (np.arange(h) + 0.5) * rh / h, (np.arange(w) + 0.5) * rw / w  # original pixel centres, resized
-    seen = ((ys >= top) & (ys < top + size))[:, None] & ((xs >= left) & (xs < left + size))[None, :]
+        rh = rw = size
+        top = left = 0
+    else:
+        short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
+        rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+        top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    # each original pixel centre in the model's input, in grid_sample's [-1, 1] (pixel edges at +-1)
+    ys = ((np.arange(h) + 0.5) * rh / h - top) / size * 2 - 1
+    xs = ((np.arange(w) + 0.5) * rw / w - left) / size * 2 - 1
+    grid = torch.stack(torch.meshgrid(torch.as_tensor(xs, dtype=torch.float32),
+                                      torch.as_tensor(ys, dtype=torch.float32), indexing="xy"), dim=-1)
+    m = torch.tensor(np.asarray(saliency, np.float32))[None, None]
+    out = F.grid_sample(m, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
+    seen = (np.abs(ys) <= 1)[:, None] & (np.abs(xs) <= 1)[None, :]
     return np.where(seen, out, 0).astype(np.float32)
 
 
