@@ -230,10 +230,14 @@ def map_to_original(saliency, orig_hw, data_config):
 
 # --------------------------------------------------------------------------- faithfulness
 
-def curve_auc(curve):
-    """Area under a similarity curve sampled at equal steps of the fraction of pixels changed (0 .. 1),
-    normalised to [0, 1]: trapezoid rule on (1 + cosine) / 2."""
-    y = (1 + np.asarray(curve, np.float64)) / 2
+def curve_auc(curve, full, base):
+    """Area under a similarity curve sampled at equal steps of the fraction of pixels changed (0 .. 1), normalised
+    to [0, 1]: each point as (s - base) / (full - base), clipped to [0, 1], where full is the similarity of the
+    untouched image and base that of the all-baseline image (the curve's two ends); trapezoid rule. None when the
+    baseline image is as similar as the image itself (|full - base| < 1e-6: nothing to explain)."""
+    if abs(full - base) < 1e-6:
+        return None
+    y = np.clip((np.asarray(curve, np.float64) - base) / (full - base), 0, 1)
     return float(((y[1:] + y[:-1]) / 2).mean())
 
 
@@ -585,7 +589,9 @@ def run(args):
                 base = blurred(rimgs[j]) if args.curve_baseline == "blur" else torch.zeros_like(rimgs[j])
                 for tag, m, dst in (("", maps[j], entry), ("random", rnd["map"], rnd)):
                     ins, dele = insertion_deletion(model, rimgs[j], eq, m, base, args.steps, args.batch_size)
-                    dst["insertion_auc"], dst["deletion_auc"] = curve_auc(ins), curve_auc(dele)
+                    s_img, s_base = float(dele[0]), float(dele[-1])  # the curves' ends: untouched, all baseline
+                    dst["insertion_auc"] = curve_auc(ins, s_img, s_base)
+                    dst["deletion_auc"] = curve_auc(dele, s_img, s_base)
                     if not tag:
                         entry["insertion_curve"] = [round(float(v), 5) for v in ins]
                         entry["deletion_curve"] = [round(float(v), 5) for v in dele]
@@ -638,7 +644,8 @@ def run(args):
         scores["pairs_without_finding"] = sum("pointing_game" not in p for p in pairs)
     if args.evaluate:
         scores["curves"] = (f"{args.steps + 1} points from 0 to all pixels changed at the model's input "
-                            f"({size} x {size}); baseline: {args.curve_baseline}; AUC of (1 + cosine) / 2, in [0, 1]")
+                            f"({size} x {size}); baseline: {args.curve_baseline}; AUC of (s - s_baseline) / (s_image - "
+                            "s_baseline) clipped to [0, 1]; higher insertion and lower deletion = more faithful")
     res["scores"] = scores
     res["pairs"] = pairs
     for key in keys:

@@ -283,8 +283,12 @@ def test_map_back_through_resize_and_centre_crop():
 
 
 def test_curve_auc_and_insertion_deletion_by_hand():
-    assert E.curve_auc([1, 1, 1]) == 1.0 and E.curve_auc([-1, -1]) == 0.0
-    assert E.curve_auc([1, -1]) == pytest.approx(0.5) and E.curve_auc([1, 0, 0, -1]) == pytest.approx((0.75 + 0.5 + 0.25) / 3)
+    # normalised by the curve's ends: full image 0.9, all baseline 0.1
+    assert E.curve_auc([0.9, 0.9, 0.9], 0.9, 0.1) == 1.0 and E.curve_auc([0.1, 0.1], 0.9, 0.1) == 0.0
+    assert E.curve_auc([0.9, 0.1], 0.9, 0.1) == pytest.approx(0.5)
+    assert E.curve_auc([0.9, 0.5, 0.5, 0.1], 0.9, 0.1) == pytest.approx((0.75 + 0.5 + 0.25) / 3)
+    assert E.curve_auc([0.9, 1.3, -2.0, 0.1], 0.9, 0.1) == pytest.approx((1 + 0.5 + 0) / 3)  # clipped to [0, 1]
+    assert E.curve_auc([0.4, 0.4], 0.4, 0.4) is None
 
     class MeanModel(nn.Module):  # embedding normalize([mean of channel 0, 1]): the curve is computable by hand
         def forward(self, x):
@@ -302,7 +306,9 @@ def test_curve_auc_and_insertion_deletion_by_hand():
     cos = lambda a: (0.6 * a + 0.8) / np.sqrt(a * a + 1)  # noqa: E731
     assert np.allclose(dele, [cos(v[c:].sum() / 16) for c in counts], atol=1e-5)
     assert np.allclose(ins, [cos(v[:c].sum() / 16) for c in counts], atol=1e-5)
-    assert E.curve_auc(dele) < E.curve_auc(ins)
+    full, none = dele[0], dele[-1]
+    assert ins[0] == pytest.approx(none) and ins[-1] == pytest.approx(full)
+    assert E.curve_auc(dele, full, none) < E.curve_auc(ins, full, none)
 
 
 def test_masks_boxes_pointing_and_mass(tmp_path):
