@@ -450,8 +450,10 @@ def plot_query(path, query, results, method, ood_note=None):
     k = len(results)
     fig, axes = plt.subplots(2, k + 1, figsize=(2.2 * (k + 1) + 0.6, 5.2), squeeze=False)
 
-    def show(ax, img, sal, title, color):
+    def show(ax, img, sal, title, color, finding=None):
         ax.imshow(img, cmap="gray")
+        if finding is not None:  # the known finding's outline, to judge the map against
+            ax.contour(finding, levels=[0.5], colors="white", linewidths=0.8)
         im = None
         if sal is not None:
             peak = float(np.max(np.abs(sal))) or 1.0
@@ -465,17 +467,21 @@ def plot_query(path, query, results, method, ood_note=None):
         return im
 
     qcol = "darkorange" if ood_note else "black"
-    show(axes[0, 0], query["image"], None, f"query {query['id']}\n{query['label']}" + (f"\n{ood_note}" if ood_note else ""), qcol)
-    show(axes[1, 0], query["image"], None, "query (its map toward\neach result: right)", "black")
+    qf = query.get("finding")
+    show(axes[0, 0], query["image"], None, f"query {query['id']}\n{query['label']}" + (f"\n{ood_note}" if ood_note else ""),
+         qcol, qf)
+    show(axes[1, 0], query["image"], None, "query (its map toward\neach result: right)", "black", qf)
     im = None
     for j, r in enumerate(results):
         col = "green" if r["same_label"] else "red"
-        im = show(axes[0, j + 1], r["image"], r["result_map"], f"{j + 1}: {r['id']}\n{r['label']}  s = {r['similarity']:.3f}", col)
-        show(axes[1, j + 1], query["image"], r["query_map"], f"query, toward result {j + 1}", col)
+        im = show(axes[0, j + 1], r["image"], r["result_map"], f"{j + 1}: {r['id']}\n{r['label']}  s = {r['similarity']:.3f}",
+                  col, r.get("finding"))
+        show(axes[1, j + 1], query["image"], r["query_map"], f"query, toward result {j + 1}", col, qf)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label=f"{method} (share of max)")
     fig.suptitle(f"{method}: where the similarity comes from (top: each result, query fixed; bottom: the query, "
-                 "result fixed); green = same label, red = not", fontsize=8)
+                 "result fixed); green = same label, red = not" + ("; white = known finding" if any(
+                     x.get("finding") is not None for x in [query] + list(results)) else ""), fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -608,12 +614,14 @@ def run(args):
             rand_rows.append(rnd)
             shown.append({"id": rid, "label": entry["result_label"], "similarity": entry["similarity"],
                           "same_label": entry["same_label"], "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
-                          "result_map": full["result"], "query_map": full["query"]})
+                          "result_map": full["result"], "query_map": full["query"],
+                          "finding": None if truth is None else truth.get(rid)})
         note = None
         if ood_ref is not None and ood_flags[qn]:
             note = f"OOD: unlike the archive (score {ood_scores[qn]:.3g})"
         plot_query(save / "figures" / f"{qid}.png",
-                   {"id": qid, "label": names[query_ds.labels[qi]], "image": np.asarray(load_image(query_ds.paths[qi]).convert("L"))},
+                   {"id": qid, "label": names[query_ds.labels[qi]], "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
+                    "finding": None if truth is None else truth.get(qid)},
                    shown, args.method, note)
         print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained")
     elapsed = time.time() - t0

@@ -309,6 +309,15 @@ def test_curve_auc_and_insertion_deletion_by_hand():
     full, none = dele[0], dele[-1]
     assert ins[0] == pytest.approx(none) and ins[-1] == pytest.approx(full)
     assert E.curve_auc(dele, full, none) < E.curve_auc(ins, full, none)
+    image0 = image.clone()
+    E.insertion_deletion(MeanModel(), image, ref, sal, base, steps=steps, batch_size=3)
+    assert torch.equal(image, image0)  # no in-place edit of the image
+    if torch.cuda.is_available():  # the same function on CUDA gives the same curves
+        class CudaMean(MeanModel):
+            def forward(self, x):
+                return F.normalize(torch.stack([x[:, 0].mean(dim=(1, 2)), torch.ones(len(x), device=x.device)], 1), dim=1)
+        ins_c, del_c = E.insertion_deletion(CudaMean(), image.cuda(), ref.cuda(), sal, base.cuda(), steps=steps)
+        assert np.allclose(ins, ins_c, atol=1e-5) and np.allclose(dele, del_c, atol=1e-5)
 
 
 def test_masks_boxes_pointing_and_mass(tmp_path):
