@@ -646,7 +646,7 @@ def run(args):
            (["pointing_game", "mass_inside"] if truth is not None else [])
     for key in keys:
         scores[key] = {args.method: summarise(pairs, key, classes, args.bootstrap, args.seed),
-                       "random": summarise(rand_rows, key, classes, args.bootstrap, args.seed)}
+                       "random_baseline": summarise(rand_rows, key, classes, args.bootstrap, args.seed)}
     if truth is not None:
         scores["uniform_area_fraction"] = summarise(pairs, "area_fraction", classes, args.bootstrap, args.seed)
         scores["pairs_without_finding"] = sum("pointing_game" not in p for p in pairs)
@@ -657,9 +657,9 @@ def run(args):
     res["scores"] = scores
     res["pairs"] = pairs
     for key in keys:
-        a, b = scores[key][args.method], scores[key]["random"]
+        a, b = scores[key][args.method], scores[key]["random_baseline"]
         fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")  # noqa: E731
-        print(f"{key:<14} {args.method}: {fmt(a)}   random: {fmt(b)}   (n = {a['n']})")
+        print(f"{key:<14} {args.method}: {fmt(a)}   random baseline: {fmt(b)}   (n = {a['n']})")
     if truth is not None:
         print(f"uniform map (finding's area fraction): {scores['uniform_area_fraction']['mean']}; "
               f"{scores['pairs_without_finding']} pairs skipped (result without finding)")

@@ -41,7 +41,7 @@ def get_args_parser():
     p.add_argument("--dataset-dir", type=Path, default=ROOT / "data" / "demo", help="demo data folder")
     p.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "xgradcam", "layercam", "sbsm", "simcam",
                                                     "random"], choices=E.METHODS, help="methods to score")
-    p.add_argument("--num-queries", type=int, default=12, help="queries (seeded) per method")
+    p.add_argument("--num-queries", type=int, default=27, help="queries (seeded) per method (27 = every demo test image)")
     p.add_argument("--topk", type=int, default=5, help="results per query")
     p.add_argument("--steps", type=int, default=16, help="insertion/deletion curve steps")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -119,7 +119,7 @@ def main(args):
                                       "num_pairs": res["num_pairs"]}
 
             def cell(key):
-                a, b = sc[key][method]["mean"], sc[key]["random"]["mean"]
+                a, b = sc[key][method]["mean"], sc[key]["random_baseline"]["mean"]
                 ci = sc[key][method]["ci95"]
                 return f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] / {b:.3f}"
             rows.append(f"| {method} | {cell('pointing_game')} | {cell('mass_inside')} | "

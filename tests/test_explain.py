@@ -384,7 +384,7 @@ def test_main_smoke_gradcam_scores_ood(ckpt, demo_data, tmp_path, capsys):
         assert "query_ood_score" in p and isinstance(p["query_ood_flagged"], bool)
         assert p["result_id"].split("-")[0] != p["query_id"].split("-")[0]  # same patient excluded
     sc = res["scores"]
-    assert set(sc["insertion_auc"]) == {"gradcam", "random"} and "per_class" in sc["deletion_auc"]["gradcam"]
+    assert set(sc["insertion_auc"]) == {"gradcam", "random_baseline"} and "per_class" in sc["deletion_auc"]["gradcam"]
     assert sc["pointing_game"]["gradcam"]["n"] + sc["pairs_without_finding"] == 4
     assert res["ood"]["num_queries"] == 2
     assert len(list((out / "figures").glob("*.png"))) == 2
