@@ -420,3 +420,14 @@ def test_bad_input_fails_before_work(ckpt, demo_data, tmp_path, capsys):
     assert E.main(base_args(tmp_path / "atto.pth", demo_data, out, "--method", "simcam")) == 2
     assert "global average pool" in capsys.readouterr().err
     assert not out.exists()  # nothing written by failed runs
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_mambaout", "test_vit_relpos"])
+def test_any_timm_model_with_a_spatial_map(name):
+    # conv (NCHW, last feature_info stage), NHWC (MambaOut: permuted), token model (norm1, class token dropped)
+    m = M.build_model("timm", backbone=name, pretrained=False, img_size=64, use_mxa=False).eval()
+    spec = M.explain_layers(m)
+    with torch.no_grad():
+        refs = m(torch.randn(2, 3, 64, 64))
+    maps, _ = E.cam_maps(m, spec, "gradcam", torch.randn(2, 3, 64, 64), refs)
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.max() > 0
