@@ -661,7 +661,8 @@ def run(args):
         fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")  # noqa: E731
         print(f"{key:<14} {args.method}: {fmt(a)}   random baseline: {fmt(b)}   (n = {a['n']})")
     if truth is not None:
-        print(f"uniform map (finding's area fraction): {scores['uniform_area_fraction']['mean']}; "
+        u = scores["uniform_area_fraction"]["mean"]
+        print(f"uniform map (finding's area fraction): {'n/a' if u is None else f'{u:.3f}'}; "
               f"{scores['pairs_without_finding']} pairs skipped (result without finding)")
     print(f"{len(pairs)} pairs in {elapsed:.1f} s; maps (both sides) {t_maps:.1f} s = {res['pairs_per_second']:.2f} pairs/s")
     save_json(res, save / "explain.json")  # last: its presence means a complete run
