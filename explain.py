@@ -333,12 +333,14 @@ def boxes_mask(boxes, hw, image_id="", source="--boxes"):
 
 
 def pointing_game(saliency, mask):
-    """1.0 when the map's maximum lies inside the finding (ties: the first maximum in row order); a map with no
-    positive value points nowhere (0.0)."""
+    """The share of the map's maximal pixels that lie inside the finding: 1.0 or 0.0 for a single maximum; a
+    plateau (a coarse map upsampled, an occlusion map's stride blocks) shares the point, as a random tie-break
+    would on average. A map with no positive value points nowhere (0.0)."""
     s = np.asarray(saliency)
     if not (s > 0).any():
         return 0.0
-    return float(mask.reshape(-1)[int(np.argmax(s))])
+    top = s == s.max()
+    return float(np.asarray(mask)[top].mean())
 
 
 def mass_inside(saliency, mask):

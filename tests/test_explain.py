@@ -340,6 +340,9 @@ def test_masks_boxes_pointing_and_mass(tmp_path):
     sal[0, 1], sal[2, 0] = 3.0, 1.0
     assert E.pointing_game(sal, bm) == 1.0 and E.mass_inside(sal, bm) == 0.75
     assert E.pointing_game(-np.ones((3, 5)), bm) == 0.0 and E.mass_inside(np.zeros((3, 5)), bm) == 0.0
+    plateau = np.zeros((3, 5))
+    plateau[:2, :4] = 2.0  # 8 maximal pixels, 4 of them in the finding
+    assert E.pointing_game(plateau, bm) == 0.5
 
 
 def test_random_baseline_scores_the_area_fraction():
