@@ -22,6 +22,7 @@ the model never looked) and SAVE_DIR/figures/QUERY_ID.png. Scores (--evaluate, -
 import argparse
 import contextlib
 import csv
+import json
 import sys
 import time
 from pathlib import Path
@@ -441,6 +442,26 @@ def pick_queries(args, image_ids):
     return np.sort(np.random.default_rng(args.seed).choice(len(image_ids), n, replace=False))
 
 
+def remove_previous_outputs(save):
+    """--overwrite: delete the maps and figures an earlier explain.json in `save` lists (only those), so the
+    folder never mixes two runs; other files are left alone."""
+    old = save / "explain.json"
+    if not old.is_file():
+        return
+    try:
+        pairs = json.loads(old.read_text()).get("pairs", [])
+    except ValueError:
+        return
+    rels = {p.get(k) for p in pairs for k in ("result_map", "query_map")}
+    rels |= {m for p in pairs for b in p.get("branch_maps", {}).values() for m in b.values()}
+    rels |= {f"figures/{p.get('query_id')}.png" for p in pairs}
+    for rel in rels:
+        path = (save / str(rel)).resolve()
+        if rel and save.resolve() in path.parents and path.is_file():
+            path.unlink()
+    old.unlink()
+
+
 # --------------------------------------------------------------------------- figure
 
 def plot_query(path, query, results, method, ood_note=None):
@@ -542,6 +563,7 @@ def run(args):
         ood_scores, ood_flags = ood.score_queries(ood_ref, qemb[queries])
 
     save = ensure_writable_dir(args.save_dir)
+    remove_previous_outputs(save)
     (save / "maps").mkdir(exist_ok=True)
     (save / "figures").mkdir(exist_ok=True)
     pairs, rand_rows, t0, n_maps, t_maps = [], [], time.time(), 0, 0.0

@@ -393,6 +393,15 @@ def test_main_smoke_gradcam_scores_ood(ckpt, demo_data, tmp_path, capsys):
     assert len(list((out / "figures").glob("*.png"))) == 2
     assert "pairs/s" in capsys.readouterr().out
     assert E.main(args) == 2 and "--overwrite" in capsys.readouterr().err  # nothing replaced without it
+    (out / "mine.txt").write_text("user file")
+    old_maps = {p["result_map"] for p in res["pairs"]}
+    args = base_args(ckpt, demo_data, out, "--method", "random", "--num-queries", "1", "--seed", "3", "--overwrite")
+    assert E.main(args) == 0
+    new = json.loads((out / "explain.json").read_text())
+    kept = {p.relative_to(out).as_posix() for p in (out / "maps").glob("*.npy")}
+    assert kept == {p[k] for p in new["pairs"] for k in ("result_map", "query_map")}  # the old run's maps are gone
+    assert len(list((out / "figures").glob("*.png"))) == 1 and (out / "mine.txt").read_text() == "user file"
+    assert old_maps - kept
 
 
 def test_main_sbsm_boxes_and_query_ids(ckpt, demo_data, tmp_path):
