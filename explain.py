@@ -581,7 +581,8 @@ def run(args):
         if args.method in CAM_METHODS:
             maps, branch = cam_maps(model, how, args.method, imgs, refs, args.batch_size)
         elif args.method == "sbsm":
-            maps = np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size) for x, r in zip(imgs, refs)])
+            maps = np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size)
+                             for x, r in zip(imgs, refs)])
         elif args.method == "simcam":
             maps = np.stack([simcam_map(how, x, r)[1] for x, r in zip(imgs, refs)])
         else:
@@ -637,14 +638,16 @@ def run(args):
             pairs.append(entry)
             rand_rows.append(rnd)
             shown.append({"id": rid, "label": entry["result_label"], "similarity": entry["similarity"],
-                          "same_label": entry["same_label"], "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
+                          "same_label": entry["same_label"],
+                          "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
                           "result_map": full["result"], "query_map": full["query"],
                           "finding": None if truth is None else truth.get(rid)})
         note = None
         if ood_ref is not None and ood_flags[qn]:
             note = f"OOD: unlike the archive (score {ood_scores[qn]:.3g})"
         plot_query(save / "figures" / f"{qid}.png",
-                   {"id": qid, "label": names[query_ds.labels[qi]], "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
+                   {"id": qid, "label": names[query_ds.labels[qi]],
+                    "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
                     "finding": None if truth is None else truth.get(qid)},
                    shown, args.method, note)
         print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained")
@@ -682,7 +685,8 @@ def run(args):
     res["pairs"] = pairs
     for key in keys:
         a, b = scores[key][args.method], scores[key]["random_baseline"]
-        fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")  # noqa: E731
+        fmt = lambda s: ("n/a" if s["mean"] is None else f"{s['mean']:.3f}"  # noqa: E731
+                         + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else ""))
         print(f"{key:<14} {args.method}: {fmt(a)}   random baseline: {fmt(b)}   (n = {a['n']})")
     if truth is not None:
         u = scores["uniform_area_fraction"]["mean"]
