@@ -247,6 +247,11 @@ def feature_shape(backbone, img_size):
     return tuple(f.shape)
 
 
+def is_spatial(shape, backbone):
+    """An NCHW map (B, C, H, W) with C the feature width: what MXA, a CAM and simcam act on."""
+    return len(shape) == 4 and shape[1] == backbone.num_features
+
+
 def has_spatial_map(backbone, img_size):
     """True when forward_features gives an NCHW map (B, C, H, W) with C the feature width: the layout MXA
     (and a CAM) acts on. Token outputs (ViT, MLP-Mixer, ResMLP, gMLP, LeViT, CoaT: (B, N, C)) and NHWC
@@ -311,7 +316,7 @@ class TimmEmbedding(EmbeddingModel):
                              "(e.g. --backbone convnextv2_atto)")
         self.backbone = create_backbone(backbone, pretrained, pretrained_weights, img_size)
         shape = feature_shape(self.backbone, img_size)  # also refuses a size the model cannot take
-        spatial = len(shape) == 4 and shape[1] == self.backbone.num_features
+        spatial = is_spatial(shape, self.backbone)
         if use_mxa and not spatial:
             # ViT / MLP-Mixer / ResMLP / gMLP / LeViT / CoaT give tokens (B, N, C), Swin an NHWC map:
             # nothing MXA's spatial attention could act on. Said in the log and the checkpoint.
@@ -403,8 +408,7 @@ class HybridConvNeXtViT(EmbeddingModel):
                                         flag="--convnext-weights")
         self.vit = create_backbone(vit_backbone, pretrained, vit_weights, img_size,
                                    flag="--vit-weights")
-        shape = feature_shape(self.convnext, img_size)
-        if not (len(shape) == 4 and shape[1] == self.convnext.num_features):
+        if not is_spatial(feature_shape(self.convnext, img_size), self.convnext):
             raise ValueError(f"--convnext-backbone {convnext_backbone} does not give an NCHW feature "
                              "map; the hybrid's first branch must be a conv net (e.g. convnextv2_atto)")
         self.mxa = MXA(self.convnext.num_features) if use_mxa else None
@@ -758,3 +762,123 @@ def load_checkpoint(path, map_location="cpu", expected_model=None, expected_embe
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Explanations (explain.py): which layer of each model to explain, how to read it as a map
+
+class ExplainSpec:
+    """What explain.py's CAM methods hook in a model.
+
+    layers: [(branch name, module)] whose OUTPUT is explained (pytorch-grad-cam target layers);
+    reshape: activation or gradient of any of those layers -> (B, C, h, w); combine: how the branches'
+    maps make one map (None for a single branch).
+    """
+
+    def __init__(self, layers, reshape, combine=None):
+        self.layers, self.reshape, self.combine = list(layers), reshape, combine
+
+    @property
+    def names(self):
+        return [n for n, _ in self.layers]
+
+
+def tokens_to_map(t, num_prefix_tokens):
+    """(B, N, C) tokens -> (B, C, g, g): prefix tokens (class / register) dropped, the rest a square grid.
+    NCHW maps pass through, so one function serves the hybrid's conv and token branches."""
+    if t.ndim == 4:
+        return t
+    n = t.shape[1] - num_prefix_tokens
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"cannot read {t.shape[1]} tokens with {num_prefix_tokens} prefix tokens as a square "
+                         "grid of patches; this token model has no spatial map to explain")
+    return t[:, num_prefix_tokens:].reshape(t.shape[0], g, g, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def _timm_explain_layer(backbone, mxa, what):
+    """(module, reshape) of a timm backbone's last spatial map: conv nets at the last feature map
+    (after MXA when there is one, before pooling); ViTs at the last block's norm1 (prefix tokens dropped);
+    NHWC models (Swin) at the last stage, permuted."""
+    if mxa is not None:
+        return mxa, (lambda t: t)
+    info = getattr(backbone, "feature_info", None)
+    blocks = getattr(backbone, "blocks", None)
+    if hasattr(backbone, "patch_embed") and blocks is not None and len(blocks) and hasattr(blocks[-1], "norm1"):
+        prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+        return blocks[-1].norm1, (lambda t: tokens_to_map(t, prefix))
+    if info:
+        last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+        module = backbone.get_submodule(last)
+        if getattr(backbone, "output_fmt", "NCHW") == "NHWC":
+            return module, (lambda t: t.permute(0, 3, 1, 2) if t.ndim == 4 else t)
+        return module, (lambda t: t)
+    raise ValueError(f"{what} has no spatial feature map (no feature_info, no patch tokens) for the CAM methods; "
+                     "use --method sbsm (occlusion, works on any model) or random")
+
+
+def _conceptclip_explain_layer(clip):
+    """The SigLIP image tower's last block norm1: a timm ViT trunk (open_clip layout, visual.trunk) or an HF
+    SigLIP vision model (vision_model.encoder.layers). SigLIP has no class token: every token is a patch
+    (27 x 27 at 384 px), so none is dropped unless the trunk says it has prefix tokens."""
+    for prefix in ("visual.trunk", "vision_model", "visual", "model.visual.trunk"):
+        try:
+            tower = clip.get_submodule(prefix)
+        except AttributeError:
+            continue
+        blocks = getattr(tower, "blocks", None)
+        if blocks is not None and len(blocks) and hasattr(blocks[-1], "norm1"):
+            n = int(getattr(tower, "num_prefix_tokens", 0))
+            return f"{prefix}.blocks.{len(blocks) - 1}.norm1", blocks[-1].norm1, n
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if layers is not None and len(layers) and hasattr(layers[-1], "layer_norm1"):
+            return f"{prefix}.encoder.layers.{len(layers) - 1}.layer_norm1", layers[-1].layer_norm1, 0
+    raise ValueError("ConceptCLIP: no SigLIP image tower found (looked for visual.trunk.blocks[-1].norm1 and "
+                     "vision_model.encoder.layers[-1].layer_norm1); the CAM methods cannot hook it; use --method sbsm")
+
+
+def explain_layers(model):
+    """ExplainSpec of `model` for the CAM methods; ValueError (naming the model) when it has no spatial map."""
+    model = _unwrap(model)
+    if isinstance(model, HybridConvNeXtViT):
+        vit_prefix = int(getattr(model.vit, "num_prefix_tokens", 1))
+        conv = model.mxa if model.mxa is not None else _timm_explain_layer(model.convnext, None, "the ConvNeXt")[0]
+        return ExplainSpec([("convnext", conv), ("vit", model.vit.blocks[-1].norm1)],
+                           lambda t: tokens_to_map(t, vit_prefix),
+                           combine="mean of the two branch maps, each ReLU'd and min-max scaled to [0, 1] at the "
+                                   "input size (pytorch-grad-cam's multi-layer rule)")
+    if isinstance(model, TimmEmbedding):
+        module, reshape = _timm_explain_layer(model.backbone, model.mxa,
+                                              f"timm model '{model.backbone.pretrained_cfg.get('architecture', '?')}'")
+        return ExplainSpec([("backbone", module)], reshape)
+    if isinstance(model, ConceptCLIPEmbedding):
+        _, module, prefix = _conceptclip_explain_layer(model.clip)
+        return ExplainSpec([("siglip", module)], lambda t: tokens_to_map(t, prefix))
+    raise ValueError(f"no explanation layers are known for {type(model).__name__}; use --method sbsm or random")
+
+
+def linear_gap_head(model):
+    """For simcam: (feature_map_fn x -> (B, C, h, w), weight (D, C) or None, bias (D,) or None) of a model whose
+    embedding is normalize(W @ mean_hw(feature map) + b). Checked numerically on the model's own head, so a
+    head LayerNorm (ConvNeXt), a class token (ViT) or a non-linear fusion (hybrid) is a ValueError."""
+    model = _unwrap(model)
+    if not isinstance(model, TimmEmbedding) or not is_spatial(
+            feature_shape(model.backbone, model.data_config["img_size"]), model.backbone):
+        raise ValueError(f"simcam needs an embedding that is a linear map of globally average-pooled conv features; "
+                         f"{getattr(model, 'model_name', type(model).__name__)} is not one (token or fused model); "
+                         "use gradcam or sbsm")
+    bb = model.backbone
+    with torch.no_grad():
+        f = torch.randn(2, bb.num_features, 3, 3, device=next(model.parameters()).device)
+        pooled = bb.forward_head(f, pre_logits=True)
+        if pooled.shape != (2, bb.num_features) or not torch.allclose(pooled, f.mean(dim=(2, 3)), atol=1e-5):
+            raise ValueError(f"simcam: the head of '{bb.pretrained_cfg.get('architecture', '?')}' is not a plain "
+                             "global average pool (e.g. ConvNeXt pools then applies a LayerNorm), so the cosine "
+                             "does not split exactly over locations; use gradcam or sbsm")
+
+    def feature_map(x):
+        f = bb.forward_features(x)
+        return model.mxa(f) if model.mxa is not None else f
+
+    proj = model.proj
+    return feature_map, (None if proj is None else proj.weight), (None if proj is None else proj.bias)

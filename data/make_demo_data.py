@@ -8,6 +8,9 @@ Writes OUT/train/*.png, OUT/test/*.png (8-bit grayscale), OUT/train_split.txt an
 consolidation; COVID-19 = bilateral peripheral patchy opacities. Each patient has its own anatomy
 (body, lungs, heart, ribs, diaphragm) and pathology; a patient's images differ by a small shift,
 rotation, scale, contrast and noise. Train and test lists are patient-disjoint. Same seed, same bytes.
+The planted findings are written too, for scoring explanations (explain.py --mask-dir / --boxes):
+OUT/masks/IMAGE_ID.png (255 = finding, 0 elsewhere; all zero for normal images) and OUT/finding_boxes.csv
+(`image_id,x,y,w,h` in pixels, one row per connected finding region; normal images have no row).
 """
 import argparse
 import math
@@ -56,8 +59,12 @@ def _patient_params(rng, label):
     return a
 
 
-def _render(a, size, rng):
-    """One radiograph of patient `a` with per-image pose, contrast and noise drawn from rng."""
+def _render(a, size, rng, return_finding=False):
+    """One radiograph of patient `a` with per-image pose, contrast and noise drawn from rng.
+
+    return_finding: also return the planted finding's mask (bool (size, size)): where the opacity adds at
+    least FINDING_LEVEL of full scale inside the lungs (before gamma and noise), i.e. where it is visible.
+    """
     shift = rng.uniform(-0.05, 0.05, size=2)
     angle = math.radians(rng.uniform(-4, 4))
     scale = rng.uniform(0.96, 1.04)
@@ -106,12 +113,28 @@ def _render(a, size, rng):
         bx = side * (a["lung_x"] + u * a["lung_w"])
         by = a["lung_y"] + v * a["lung_h"]
         opac += strength * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * rad ** 2))
-    img += np.clip(opac, 0, 0.6) * lungs
+    added = np.clip(opac, 0, 0.6) * lungs
+    img += added
 
     gamma = rng.uniform(0.85, 1.15)
     img = np.clip(img, 0, 1) ** gamma * rng.uniform(0.9, 1.05) + rng.uniform(-0.03, 0.03)
     img += rng.normal(0, 0.02, img.shape)
-    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    img = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    if return_finding:
+        return img, added >= FINDING_LEVEL
+    return img
+
+
+# A planted opacity counts as finding where it adds >= this (0..1 scale): ~20 grey levels, 4x the noise SD.
+FINDING_LEVEL = 0.08
+
+
+def finding_boxes(mask):
+    """Boxes (x, y, w, h) in pixels, one per connected region of a finding mask (4-connectivity)."""
+    from scipy import ndimage
+    lab, _ = ndimage.label(mask)
+    return [(s[1].start, s[0].start, s[1].stop - s[1].start, s[0].stop - s[0].start)
+            for s in ndimage.find_objects(lab) if s is not None]
 
 
 # Planted findings as vocabulary concepts (data/ontology/findings.tsv ids), one row per image.
@@ -182,6 +205,10 @@ def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, see
         n_test = min(len(members) - 1, max(1, round(test_fraction * len(members))))
         test[rng.choice(members, n_test, replace=False)] = True
     lines = {"train": [], "test": []}
+    boxes = ["image_id,x,y,w,h"]
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    for old in (out / "masks").glob(f"{SOURCE}*.png"):
+        old.unlink()
     for split in lines:
         (out / split).mkdir(parents=True, exist_ok=True)
         for old in (out / split).glob(f"{SOURCE}*.png"):  # only our own files (overwrite case)
@@ -191,17 +218,21 @@ def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, see
         params = _patient_params(np.random.default_rng([seed, i]), int(labels[i]))
         split = "test" if test[i] else "train"
         for j in range(images_per_patient):
-            arr = _render(params, size, np.random.default_rng([seed, i, j]))
+            arr, finding = _render(params, size, np.random.default_rng([seed, i, j]), return_finding=True)
             name = f"{pid}-{j}.png"
             Image.fromarray(arr, mode="L").save(out / split / name)
+            Image.fromarray(finding.astype(np.uint8) * 255, mode="L").save(out / "masks" / name)
+            boxes += [f"{Path(name).stem},{x},{y},{w},{h}" for x, y, w, h in finding_boxes(finding)]
             lines[split].append(f"{pid} {name} {CLASSES[labels[i]]} {SOURCE}")
     for split, fname in (("train", "train_split.txt"), ("test", "test_split.txt")):
         (out / fname).write_text("\n".join(lines[split]) + "\n")
     write_concept_labels(out / "concept_labels.csv", seed, lines["train"] + lines["test"])
+    (out / "finding_boxes.csv").write_text("\n".join(boxes) + "\n")
     counts = {s: {c: sum(l.split()[2] == c for l in lines[s]) for c in CLASSES} for s in lines}
     return {
         "out_dir": out, "train_dir": out / "train", "test_dir": out / "test",
         "train_list": out / "train_split.txt", "test_list": out / "test_split.txt",
+        "mask_dir": out / "masks", "boxes": out / "finding_boxes.csv",
         "num_train": len(lines["train"]), "num_test": len(lines["test"]), "class_counts": counts,
     }
 

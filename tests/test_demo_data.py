@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from dataset import ImageListDataset, shared_between, test_image_dir, train_image_dir
-from make_demo_data import _patient_params, _render, get_args_parser, main, make_demo_data
+from make_demo_data import FINDING_LEVEL, _patient_params, _render, finding_boxes, get_args_parser, main, make_demo_data
 
 SMALL = dict(num_patients=6, images_per_patient=2, size=48)
 
@@ -38,7 +38,8 @@ def test_same_seed_same_bytes(tmp_path):
     make_demo_data(tmp_path / "b", seed=5, **SMALL)
     make_demo_data(tmp_path / "c", seed=6, **SMALL)
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
-    assert a == b and len(a) == 6 * 2 + 3  # images, two lists, concept_labels.csv
+    # images, their finding masks, two lists, concept_labels.csv, finding_boxes.csv
+    assert a == b and len(a) == 6 * 2 * 2 + 4
     assert a != c
 
 
@@ -91,3 +92,38 @@ def test_conftest_fixture_dataset(demo_data):
     test = ImageListDataset(demo_data / "test_split.txt", test_image_dir(demo_data))
     assert len(train) + len(test) == 36 and np.bincount(test.labels).tolist() == [3, 3, 3]
     assert not shared_between(train, test)[0]
+
+
+def test_finding_masks_and_boxes(tmp_path):
+    # the mask is where the planted opacity is visible: rendering without the pathology (same pose, noise)
+    # differs there by about FINDING_LEVEL or more and nowhere else by much; normal images have empty masks
+    info = make_demo_data(tmp_path, seed=0, **SMALL)
+    lines = [line.split() for line in info["test_list"].read_text().splitlines() + info["train_list"].read_text().splitlines()]
+    rows = [r.split(",") for r in info["boxes"].read_text().splitlines()]
+    assert rows[0] == ["image_id", "x", "y", "w", "h"]
+    boxes = {}
+    for r in rows[1:]:
+        boxes.setdefault(r[0], []).append(tuple(int(v) for v in r[1:]))
+    for pid, name, label, _ in lines:
+        stem = name[:-4]
+        mask = np.asarray(Image.open(info["mask_dir"] / name)) > 0
+        assert mask.shape == (SMALL["size"],) * 2
+        if label == "normal":
+            assert not mask.any() and stem not in boxes
+            continue
+        assert mask.any() and stem in boxes
+        covered = np.zeros_like(mask)
+        for x, y, w, h in boxes[stem]:
+            covered[y:y + h, x:x + w] = True
+        assert covered[mask].all()  # every finding pixel lies in a box
+    # finding_boxes on a hand-made mask: two regions
+    m = np.zeros((10, 12), bool)
+    m[1:3, 2:5] = True
+    m[6:9, 8:12] = True
+    assert sorted(finding_boxes(m)) == [(2, 1, 3, 2), (8, 6, 4, 3)]
+    params = _patient_params(np.random.default_rng([0, 1]), 1)
+    img, finding = _render(params, 64, np.random.default_rng([0, 1, 0]), return_finding=True)
+    without = _render({**params, "blobs": []}, 64, np.random.default_rng([0, 1, 0])).astype(int)
+    assert np.array_equal(img, _render(params, 64, np.random.default_rng([0, 1, 0])))  # same bytes as before
+    diff = img.astype(int) - without
+    assert np.median(diff[finding]) >= 255 * FINDING_LEVEL * 0.8 and np.median(diff[~finding]) <= 2

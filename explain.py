@@ -1,0 +1,710 @@
+"""Why is this result similar to my query? Similarity saliency maps, scored for faithfulness and localisation.
+
+Every method explains s(q, r) = cosine of the two embeddings, on both sides: the result's map with the
+query's embedding fixed, and the query's map with the result's fixed. Results are the query's top-k,
+ranked exactly as test.py ranks them (metrics.rank: same tie rule, same-patient exclusion).
+
+    # the demo (python train.py --demo first): Grad-CAM of 6 queries' top 5, scored against the planted findings
+    python explain.py --resume checkpoints/demo/covid_hybrid_convnext_vit_embed_128_seed_0/covid_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth \
+        --dataset-dir data/demo --test-image-list data/demo/test_split.txt --exclude-same-patient \
+        --method gradcam --topk 5 --num-queries 6 --mask-dir data/demo/masks --evaluate --save-dir results/explain_demo
+    # occlusion (SBSM) of chosen queries against a training archive, boxes as localisation truth, CPU only
+    python explain.py --resume CKPT --dataset-dir DIR --test-image-list test.txt --gallery-image-list train.txt \
+        --query-ids IMG1 IMG2 --method sbsm --window 48 --stride 16 --boxes boxes.csv --device cpu --save-dir OUT
+    # with an OOD warning per query (ood.py's kNN score against the archive's saved embeddings)
+    python explain.py ... --ood-reference emb/train.npy --ood-k 50
+
+Methods: gradcam, gradcam++ and the other CAMs of pytorch-grad-cam (layers from model.explain_layers), sbsm
+(occlusion), simcam (exact decomposition, linear-on-GAP heads only), random (a smoothed random map: the
+baseline). Writes SAVE_DIR/explain.json, SAVE_DIR/maps/*.npy (float32, the original image's size, 0 where
+the model never looked) and SAVE_DIR/figures/QUERY_ID.png. Scores (--evaluate, --mask-dir/--boxes): README.
+"""
+import argparse
+import contextlib
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import metrics
+import ood
+from dataset import (ImageListDataset, get_data_parser, load_image, resolve_class_names, test_image_dir,
+                     train_image_dir)
+from utils import (atomic_np_save, check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args,
+                   save_json, set_seed)
+
+# pytorch-grad-cam class per --method (imported lazily: the other methods need no grad-cam install)
+CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
+               "gradcamelementwise": "GradCAMElementWise", "layercam": "LayerCAM", "eigengradcam": "EigenGradCAM",
+               "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
+METHODS = list(CAM_METHODS) + ["sbsm", "simcam", "random"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Similarity saliency of retrieval results",
+                                parents=[get_data_parser(lists=("test",), test_help="query list (images in the test "
+                                                         "folder); leave-one-out unless --gallery-image-list")],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and retrieval")
+    g.add_argument("--resume", type=Path, required=True, help="checkpoint written by train.py")
+    g.add_argument("--gallery-image-list", type=Path, default=None, help="search the queries against these images")
+    g.add_argument("--gallery-dataset-dir", type=Path, default=None,
+                   help="gallery image folder (default: the training folder of --dataset-dir)")
+    g.add_argument("--exclude-same-patient", action="store_true", help="remove gallery images of the query's patient")
+    g.add_argument("--topk", type=int, default=5, help="results explained per query")
+    g.add_argument("--num-queries", type=int, default=20, help="queries drawn with --seed (ignored with --query-ids)")
+    g.add_argument("--query-ids", nargs="+", default=None, help="image ids (filename stems) of the queries")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g = p.add_argument_group("explanation")
+    g.add_argument("--method", default="gradcam", choices=METHODS, help="saliency method (README: Explanations)")
+    g.add_argument("--window", type=int, default=None, help="sbsm occluding window side in input pixels "
+                                                            "(default: a quarter of the model's input size)")
+    g.add_argument("--stride", type=int, default=None, help="sbsm window stride in input pixels (default: window / 2)")
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass of sbsm, CAMs, and curves")
+    g.add_argument("--seed", type=int, default=0, help="query draw, random baseline and bootstrap seed")
+    g = p.add_argument_group("scores")
+    g.add_argument("--evaluate", action="store_true", help="insertion and deletion curves on the result image")
+    g.add_argument("--steps", type=int, default=16, help="points of each insertion/deletion curve after the first")
+    g.add_argument("--curve-baseline", default="blur", choices=["blur", "mean"],
+                   help="what deleted pixels become and insertion starts from: a blurred copy or the dataset mean")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--mask-dir", type=Path, default=None, help="finding masks IMAGE_ID.png (non-zero = finding)")
+    m.add_argument("--boxes", type=Path, default=None, help="finding boxes CSV image_id,x,y,w,h (original pixels)")
+    g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    g = p.add_argument_group("out-of-distribution warning (ood.py)")
+    g.add_argument("--ood-reference", type=Path, default=None,
+                   help="archive embeddings TRAIN_EMB.npy: each query gets an OOD score and flag (95%% ID accepted)")
+    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
+    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
+    g = p.add_argument_group("output")
+    g.add_argument("--save-dir", type=Path, default=Path("./results/explain"), help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing explain.json and its maps")
+    return p
+
+
+# --------------------------------------------------------------------------- maps on the model's input
+
+def _cosine(e, ref):
+    return F.cosine_similarity(e, ref.expand_as(e), dim=-1)
+
+
+class CosineTarget:
+    """pytorch-grad-cam target: the cosine of one output embedding (1-D) to a fixed reference embedding."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, output):
+        return F.cosine_similarity(output, self.ref.to(output.device), dim=-1)
+
+
+@contextlib.contextmanager
+def gradients_through(model):
+    """Let gradients flow through a frozen tower (ConceptCLIP's forward skips autograd when frozen)."""
+    frozen = getattr(model, "frozen", None)
+    if frozen:
+        model.frozen = False
+    try:
+        yield
+    finally:
+        if frozen:
+            model.frozen = frozen
+
+
+def cam_maps(model, spec, method, images, refs, batch_size=32):
+    """CAM maps (B, S, S) in [0, 1] of images (B, 3, S, S) with targets cos(f(image_i), refs_i), and per branch
+    {name: (B, S, S)} when the spec has several (combined by spec.combine)."""
+    import pytorch_grad_cam as pgc
+    base = getattr(pgc, CAM_METHODS[method])
+
+    def aggregate(self, per_layer):  # keep each branch's map (pytorch-grad-cam averages them)
+        self.per_layer = [np.asarray(p[:, 0], np.float32) for p in per_layer]
+        return base.aggregate_multi_layers(self, per_layer)
+
+    cls = type(f"Branch{base.__name__}", (base,), {"aggregate_multi_layers": aggregate})
+    frozen = not any(p.requires_grad for p in model.parameters())
+    out, branches = [], {n: [] for n in spec.names}
+    was_training = model.training
+    with gradients_through(model), cls(model=model, target_layers=[m for _, m in spec.layers],
+                                       reshape_transform=spec.reshape) as cam:
+        cam.batch_size = batch_size  # ScoreCAM's forward passes per batch of masked inputs
+        for s in range(0, len(images), batch_size):
+            # a frozen tower gives activations no gradient unless the input asks for one
+            x, r = images[s:s + batch_size].detach().requires_grad_(frozen), refs[s:s + batch_size]
+            out.append(np.asarray(cam(input_tensor=x, targets=[CosineTarget(v) for v in r]), np.float32))
+            for n, m in zip(spec.names, cam.per_layer):
+                branches[n].append(m)
+    model.train(was_training)
+    return np.concatenate(out), ({n: np.concatenate(v) for n, v in branches.items()} if len(spec.layers) > 1 else {})
+
+
+def occlusion_masks(size, window, stride, device):
+    """(n, S, S) float masks of the sliding windows (1 = occluded); the last row/column window touches the edge."""
+    starts = list(range(0, max(size - window, 0) + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    ar = torch.arange(size, device=device)
+    inside = torch.stack([(ar >= s) & (ar < s + window) for s in starts]).float()  # (w, S)
+    return (inside[:, None, :, None] * inside[None, :, None, :]).reshape(-1, size, size)
+
+
+@torch.no_grad()
+def sbsm_map(model, image, ref, window, stride, batch_size=32, fill=None):
+    """Occlusion saliency (S, S) of `image` (3, S, S): per pixel the mean, over the windows covering it, of the
+    drop in cosine to `ref` when the window is replaced by `fill` (default 0 = the dataset mean after
+    normalisation). New tensors per batch, no in-place edit: the same code on CPU and CUDA."""
+    size = image.shape[-1]
+    masks = occlusion_masks(size, window, stride, image.device)
+    fill = torch.zeros_like(image) if fill is None else fill
+    base = _cosine(model(image[None]).float(), ref)
+    drops = []
+    for s in range(0, len(masks), batch_size):
+        m = masks[s:s + batch_size, None]  # (b, 1, S, S)
+        x = image[None] * (1 - m) + fill[None] * m
+        drops.append(base - _cosine(model(x).float(), ref))
+    drops = torch.cat(drops)
+    cover = masks.sum(0)
+    sal = (drops[:, None, None] * masks).sum(0) / cover.clamp(min=1)
+    return sal.cpu().numpy().astype(np.float32)
+
+
+def simcam_map(head, image, ref):
+    """Exact split of cos(ref, f(image)) over the feature grid, for f = normalize(W mean_hw(F) + b).
+
+    cos = ref . z / |z| with z = mean_ij (W F_ij + b), so map_ij = ref . (W F_ij + b) / (h w |z|) sums to the
+    cosine exactly (the bias spread evenly over locations). Returns (grid map (h, w), input-size map (S, S)
+    whose sum is the same: each cell's value spread evenly over its pixels)."""
+    feature_map, weight, bias = head
+    with torch.no_grad():
+        fmap = feature_map(image[None])[0].float()  # (C, h, w)
+        c, h, w = fmap.shape
+        loc = fmap.reshape(c, h * w).T  # (hw, C)
+        if weight is not None:
+            loc = loc @ weight.float().T + (0 if bias is None else bias.float())
+        z = loc.mean(0)
+        grid = (loc @ ref.float()) / (h * w * z.norm())
+        grid = grid.reshape(h, w)
+        size = image.shape[-1]
+        up = F.interpolate(grid[None, None], size=(size, size), mode="nearest")[0, 0] * (h * w) / (size * size)
+    return grid.cpu().numpy(), up.cpu().numpy().astype(np.float32)
+
+
+def random_map(shape, rng, sigma=None):
+    """A smoothed random map (the baseline): white noise blurred with a Gaussian (sigma = side / 16, wrapped so
+    that every pixel is alike), shifted to be >= 0."""
+    from scipy.ndimage import gaussian_filter
+    sigma = max(shape) / 16 if sigma is None else sigma
+    m = gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return (m - m.min()).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- back to the original image
+
+def map_to_original(saliency, orig_hw, data_config):
+    """Carry an (S, S) map on the model's input back to the original image (H, W) through the eval transform
+    (crop: shorter side resized to int(1.125 S) then centre crop; squash: resize to S x S). Pixels the crop
+    dropped are 0."""
+    size, (h, w) = int(data_config["img_size"]), orig_hw
+    if data_config["resize_mode"] == "squash":
+        rh = rw = size
+        top = left = 0
+    else:
+        short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
+        rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+        top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+    # each original pixel centre in the model's input, in grid_sample's [-1, 1] (pixel edges at +-1)
+    ys = ((np.arange(h) + 0.5) * rh / h - top) / size * 2 - 1
+    xs = ((np.arange(w) + 0.5) * rw / w - left) / size * 2 - 1
+    grid = torch.stack(torch.meshgrid(torch.as_tensor(xs, dtype=torch.float32),
+                                      torch.as_tensor(ys, dtype=torch.float32), indexing="xy"), dim=-1)
+    m = torch.tensor(np.asarray(saliency, np.float32))[None, None]
+    out = F.grid_sample(m, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
+    seen = (np.abs(ys) <= 1)[:, None] & (np.abs(xs) <= 1)[None, :]
+    return np.where(seen, out, 0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- faithfulness
+
+def curve_auc(curve, full, base):
+    """Area under a similarity curve sampled at equal steps of the fraction of pixels changed (0 .. 1), normalised
+    to [0, 1]: each point as (s - base) / (full - base), clipped to [0, 1], where full is the similarity of the
+    untouched image and base that of the all-baseline image (the curve's two ends); trapezoid rule. None when the
+    baseline image is as similar as the image itself (|full - base| < 1e-6: nothing to explain)."""
+    if abs(full - base) < 1e-6:
+        return None
+    y = np.clip((np.asarray(curve, np.float64) - base) / (full - base), 0, 1)
+    return float(((y[1:] + y[:-1]) / 2).mean())
+
+
+@torch.no_grad()
+def insertion_deletion(model, image, ref, saliency, baseline, steps=16, batch_size=32):
+    """Insertion and deletion curves (steps + 1 cosines to `ref` each) of `image` (3, S, S) at the model's input.
+
+    Deletion replaces the most salient pixels first with `baseline` (3, S, S); insertion restores them, most
+    salient first, onto `baseline`. Ties in the map are broken by pixel index (a stable sort). Each image of
+    a curve is a new tensor (torch.where), so a CUDA run edits no temporary copy.
+    """
+    size = image.shape[-1]
+    sal = torch.as_tensor(np.asarray(saliency, np.float32), device=image.device).reshape(-1)
+    order = torch.argsort(-sal, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=image.device)
+    counts = torch.round(torch.linspace(0, order.numel(), steps + 1, device=image.device)).long()
+    curves = {}
+    for name, first, second in (("deletion", baseline, image), ("insertion", image, baseline)):
+        sims = []
+        for s in range(0, steps + 1, batch_size):
+            c = counts[s:s + batch_size]
+            top = (rank[None, :] < c[:, None]).reshape(-1, 1, size, size)  # (b, 1, S, S) changed pixels
+            x = torch.where(top, first[None], second[None])
+            sims.append(_cosine(model(x).float(), ref))
+        curves[name] = torch.cat(sims).cpu().numpy()
+    return curves["insertion"], curves["deletion"]
+
+
+def blurred(image):
+    """The curves' blurred copy: Gaussian blur with sigma = S / 16 (kernel ~4 sigma, odd)."""
+    from torchvision.transforms.functional import gaussian_blur
+    sigma = image.shape[-1] / 16
+    k = int(4 * sigma) | 1
+    return gaussian_blur(image[None], [k, k], [sigma, sigma])[0]
+
+
+# --------------------------------------------------------------------------- localisation
+
+def image_size(path):
+    """(H, W) of an image file, from its header where possible."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:
+        w, h = load_image(path).size
+        return h, w
+
+
+def read_mask(path, hw=None):
+    """Bool mask of a PNG (non-zero = finding); ValueError when its size is not the image's (H, W)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        m = np.asarray(im.convert("L")) > 0
+    if hw is not None and m.shape != tuple(hw):
+        raise ValueError(f"--mask-dir: {path} is {m.shape[1]} x {m.shape[0]} pixels but its image is {hw[1]} x {hw[0]}; "
+                         "a mask must have its image's size")
+    return m
+
+
+def read_boxes(path):
+    """{image_id: [(x, y, w, h), ...]} of a CSV image_id,x,y,w,h (several rows per image allowed)."""
+    boxes = {}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0][:5]] != ["image_id", "x", "y", "w", "h"]:
+        raise ValueError(f"--boxes {path}: the first line must be the header image_id,x,y,w,h")
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        try:
+            x, y, w, h = (float(v) for v in row[1:5])
+        except ValueError:
+            raise ValueError(f"--boxes {path} line {n}: x, y, w, h must be numbers, got {row}") from None
+        if w <= 0 or h <= 0:
+            raise ValueError(f"--boxes {path} line {n}: box width and height must be > 0, got {row}")
+        boxes.setdefault(row[0].strip(), []).append((x, y, w, h))
+    return boxes
+
+
+def boxes_mask(boxes, hw, image_id="", source="--boxes"):
+    """Bool (H, W) mask of the boxes (a pixel is in a box when its centre is); a box outside the image is an error."""
+    h, w = hw
+    m = np.zeros((h, w), bool)
+    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+    for bx, by, bw, bh in boxes:
+        if bx < 0 or by < 0 or bx + bw > w or by + bh > h:
+            raise ValueError(f"{source}: box ({bx:g}, {by:g}, {bw:g}, {bh:g}) of {image_id} is outside its "
+                             f"{w} x {h} image")
+        m |= ((ys >= by) & (ys < by + bh))[:, None] & ((xs >= bx) & (xs < bx + bw))[None, :]
+    return m
+
+
+def pointing_game(saliency, mask):
+    """The share of the map's maximal pixels that lie inside the finding: 1.0 or 0.0 for a single maximum; a
+    plateau (a coarse map upsampled, an occlusion map's stride blocks) shares the point, as a random tie-break
+    would on average. A map with no positive value points nowhere (0.0)."""
+    s = np.asarray(saliency)
+    if not (s > 0).any():
+        return 0.0
+    top = s == s.max()
+    return float(np.asarray(mask)[top].mean())
+
+
+def mass_inside(saliency, mask):
+    """Fraction of the map's positive mass inside the finding (0.0 for a map with no positive value)."""
+    pos = np.maximum(np.asarray(saliency, np.float64), 0)
+    total = pos.sum()
+    return float(pos[mask].sum() / total) if total > 0 else 0.0
+
+
+def summarise(rows, key, classes, n_boot, seed):
+    """Mean, bootstrap 95% CI and count of rows[i][key] (None skipped), overall and per class."""
+    def one(vals):
+        vals = [v for v in vals if v is not None]
+        return {"mean": float(np.mean(vals)) if vals else None, "ci95": metrics.bootstrap_ci(vals, n_boot, seed),
+                "n": len(vals)}
+    out = one([r.get(key) for r in rows])
+    out["per_class"] = {c: one([r.get(key) for r, rc in zip(rows, classes) if rc == c]) for c in sorted(set(classes))}
+    return out
+
+
+# --------------------------------------------------------------------------- inputs
+
+def check_args(args):
+    """Flag problems reported before the model is built or anything written."""
+    if not args.resume.is_file():
+        raise ValueError(f"--resume {args.resume}: file not found; give a checkpoint written by train.py")
+    if args.test_image_list is None or (args.dataset_dir is None and args.test_dataset_dir is None):
+        raise ValueError("give --test-image-list and --dataset-dir (or --test-dataset-dir)")
+    if args.gallery_image_list is not None and args.gallery_dataset_dir is None and args.dataset_dir is None:
+        raise ValueError("--gallery-image-list needs --gallery-dataset-dir or --dataset-dir")
+    for flag, v, lo in (("--topk", args.topk, 1), ("--num-queries", args.num_queries, 1), ("--steps", args.steps, 1),
+                        ("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0)):
+        if v < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if args.mask_dir is not None and not args.mask_dir.is_dir():
+        raise ValueError(f"--mask-dir {args.mask_dir}: not a folder")
+    if args.boxes is not None and not args.boxes.is_file():
+        raise ValueError(f"--boxes {args.boxes}: file not found")
+    out = args.save_dir / "explain.json"
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists; choose another --save-dir or pass --overwrite to replace it")
+    check_writable_dir(args.save_dir)
+
+
+def check_method(model, method, size, args):
+    """The method's needs of this model (layers, head, window), checked before any image is embedded."""
+    from model import explain_layers, linear_gap_head
+    if method in CAM_METHODS:
+        try:
+            import pytorch_grad_cam  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--method {method} needs pytorch-grad-cam: pip install 'grad-cam>=1.5,<1.6'") from None
+        return explain_layers(model)
+    if method == "simcam":
+        return linear_gap_head(model)
+    if method == "sbsm":
+        args.window = args.window or max(1, size // 4)
+        args.stride = args.stride or max(1, args.window // 2)
+        if not 1 <= args.window <= size or args.stride < 1:
+            raise ValueError(f"--window must be in 1..{size} (the model's input size) and --stride >= 1, "
+                             f"got {args.window}, {args.stride}")
+    return None
+
+
+def localisation_truth(args, datasets):
+    """{image_id: bool mask (H, W)} for every listed image with a finding, sizes checked against the images."""
+    if args.mask_dir is None and args.boxes is None:
+        return None
+    paths = {i: p for ds in datasets for i, p in zip(ds.image_ids, ds.paths)}
+    truth = {}
+    if args.mask_dir is not None:
+        for i, p in paths.items():
+            mp = args.mask_dir / f"{i}.png"
+            if mp.is_file():
+                m = read_mask(mp, image_size(p))
+                if m.any():
+                    truth[i] = m
+    else:
+        boxes = read_boxes(args.boxes)
+        unknown = sorted(set(boxes) - set(paths))
+        if unknown:
+            print(f"note: {len(unknown)} image ids of --boxes {args.boxes} are in no list (ignored), e.g. {unknown[:3]}")
+        for i in set(boxes) & set(paths):
+            truth[i] = boxes_mask(boxes[i], image_size(paths[i]), i, f"--boxes {args.boxes}")
+    return truth
+
+
+def pick_queries(args, image_ids):
+    """Query indices: --query-ids (every id must exist) or --num-queries drawn with --seed."""
+    if args.query_ids:
+        where = {i: n for n, i in enumerate(image_ids)}
+        missing = [q for q in args.query_ids if q not in where]
+        if missing:
+            raise ValueError(f"--query-ids {missing} are not in --test-image-list {args.test_image_list} "
+                             f"(ids are filename stems, e.g. {image_ids[0]})")
+        return np.array([where[q] for q in args.query_ids], np.int64)
+    n = min(args.num_queries, len(image_ids))
+    return np.sort(np.random.default_rng(args.seed).choice(len(image_ids), n, replace=False))
+
+
+def remove_previous_outputs(save):
+    """--overwrite: delete the maps and figures an earlier explain.json in `save` lists (only those), so the
+    folder never mixes two runs; other files are left alone."""
+    old = save / "explain.json"
+    if not old.is_file():
+        return
+    try:
+        pairs = json.loads(old.read_text()).get("pairs", [])
+    except ValueError:
+        return
+    rels = {p.get(k) for p in pairs for k in ("result_map", "query_map")}
+    rels |= {m for p in pairs for b in p.get("branch_maps", {}).values() for m in b.values()}
+    rels |= {f"figures/{p.get('query_id')}.png" for p in pairs}
+    for rel in rels:
+        path = (save / str(rel)).resolve()
+        if rel and save.resolve() in path.parents and path.is_file():
+            path.unlink()
+    old.unlink()
+
+
+# --------------------------------------------------------------------------- figure
+
+def plot_query(path, query, results, method, ood_note=None):
+    """The query and its top-k, each with its overlay (row 1: results' maps, row 2: the query's map per result),
+    similarity, green/red frame = same/different label, one colour bar (maps scaled to their own maximum)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = len(results)
+    fig, axes = plt.subplots(2, k + 1, figsize=(2.2 * (k + 1) + 0.6, 5.2), squeeze=False)
+
+    def show(ax, img, sal, title, color, finding=None):
+        ax.imshow(img, cmap="gray")
+        if finding is not None:  # the known finding's outline, to judge the map against
+            ax.contour(finding, levels=[0.5], colors="white", linewidths=0.8)
+        im = None
+        if sal is not None:
+            peak = float(np.max(np.abs(sal))) or 1.0
+            im = ax.imshow(np.maximum(sal, 0) / peak, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7, color=color)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_edgecolor(color)
+            s.set_linewidth(3)
+        return im
+
+    qcol = "darkorange" if ood_note else "black"
+    qf = query.get("finding")
+    show(axes[0, 0], query["image"], None, f"query {query['id']}\n{query['label']}" + (f"\n{ood_note}" if ood_note else ""),
+         qcol, qf)
+    show(axes[1, 0], query["image"], None, "query (its map toward\neach result: right)", "black", qf)
+    im = None
+    for j, r in enumerate(results):
+        col = "green" if r["same_label"] else "red"
+        im = show(axes[0, j + 1], r["image"], r["result_map"], f"{j + 1}: {r['id']}\n{r['label']}  s = {r['similarity']:.3f}",
+                  col, r.get("finding"))
+        show(axes[1, j + 1], query["image"], r["query_map"], f"query, toward result {j + 1}", col, qf)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label=f"{method} (share of max)")
+    fig.suptitle(f"{method}: where the similarity comes from (top: each result, query fixed; bottom: the query, "
+                 "result fixed); green = same label, red = not" + ("; white = known finding" if any(
+                     x.get("finding") is not None for x in [query] + list(results)) else ""), fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- run
+
+def run(args):
+    check_args(args)
+    from model import compute_embeddings, get_transform, load_checkpoint, read_checkpoint
+    device = get_device(args.device)
+    model, ckpt = load_checkpoint(args.resume, map_location=device)
+    cfg = model.data_config
+    size = int(cfg["img_size"])
+    how = check_method(model, args.method, size, args)
+    ood_ref = None
+    if args.ood_reference is not None:
+        ood_ref = ood.load_reference(args.ood_reference, args.ood_method, args.ood_k, seed=args.seed,
+                                     expected_dim=model.embedding_dim)
+    stored = read_checkpoint(args.resume).get("class_names") if args.dataset == "generic" else None
+    names, _ = resolve_class_names(args.dataset, args.test_image_list, [args.gallery_image_list], given=stored)
+    transform = get_transform(model)
+    qdir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
+    query_ds = ImageListDataset(args.test_image_list, qdir, dataset=args.dataset, transform=transform,
+                                class_names=names)
+    gallery_ds = query_ds
+    if args.gallery_image_list is not None:
+        gdir = args.gallery_dataset_dir or train_image_dir(args.dataset_dir)
+        gallery_ds = ImageListDataset(args.gallery_image_list, gdir, dataset=args.dataset, transform=transform,
+                                      class_names=names)
+    loo = gallery_ds is query_ds
+    queries = pick_queries(args, query_ds.image_ids)
+    cand, _ = metrics.candidate_counts(query_ds.labels, None if loo else gallery_ds.labels, query_ds.patient_ids,
+                                       gallery_ds.patient_ids, args.exclude_same_patient)
+    metrics.check_k([args.topk], cand)
+    truth = localisation_truth(args, [query_ds] if loo else [query_ds, gallery_ds])
+    print_args(args)
+    set_seed(args.seed)
+
+    def embed(ds):
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
+                                             num_workers=args.workers, pin_memory=device.type == "cuda")
+        idx, emb = compute_embeddings(model, loader, device, progress=True, desc=f"embedding {ds.list_file.name}")
+        rows = np.empty_like(emb)
+        rows[idx] = emb
+        return rows
+
+    qemb = embed(query_ds)
+    gemb = qemb if loo else embed(gallery_ds)
+    group = args.exclude_same_patient
+    ranking = metrics.rank(qemb, query_ds.labels, None if loo else gemb, None if loo else gallery_ds.labels,
+                           k=args.topk, exclude_self=loo, full_ranking=False,
+                           query_groups=np.array(query_ds.patient_ids) if group else None,
+                           gallery_groups=None if loo or not group else np.array(gallery_ds.patient_ids))
+    ood_scores = ood_flags = None
+    if ood_ref is not None:
+        ood_scores, ood_flags = ood.score_queries(ood_ref, qemb[queries])
+
+    save = ensure_writable_dir(args.save_dir)
+    remove_previous_outputs(save)
+    (save / "maps").mkdir(exist_ok=True)
+    (save / "figures").mkdir(exist_ok=True)
+    pairs, rand_rows, t0, n_maps, t_maps = [], [], time.time(), 0, 0.0
+    for qn, qi in enumerate(queries):
+        qimg = query_ds[qi][0].to(device)
+        gis = ranking.indices[qi]
+        rimgs = torch.stack([gallery_ds[g][0] for g in gis]).to(device)
+        eq = torch.as_tensor(qemb[qi], device=device)
+        er = torch.as_tensor(gemb[gis], device=device)
+        # both sides at once: results toward the query, then the query toward each result
+        imgs = torch.cat([rimgs, qimg[None].expand(len(gis), -1, -1, -1)])
+        refs = torch.cat([eq[None].expand(len(gis), -1), er])
+        branch = {}
+        t1 = time.time()
+        if args.method in CAM_METHODS:
+            maps, branch = cam_maps(model, how, args.method, imgs, refs, args.batch_size)
+        elif args.method == "sbsm":
+            maps = np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size)
+                             for x, r in zip(imgs, refs)])
+        elif args.method == "simcam":
+            maps = np.stack([simcam_map(how, x, r)[1] for x, r in zip(imgs, refs)])
+        else:
+            maps = np.stack([random_map((size, size), np.random.default_rng([args.seed, int(qi), j]))
+                             for j in range(len(imgs))])
+        n_maps += len(imgs)
+        t_maps += time.time() - t1
+        qid = query_ds.image_ids[qi]
+        qhw = image_size(query_ds.paths[qi])
+        shown = []
+        for j, gi in enumerate(gis):
+            rid = gallery_ds.image_ids[gi]
+            rhw = image_size(gallery_ds.paths[gi])
+            entry = {"query_id": qid, "query_label": names[query_ds.labels[qi]], "rank": j + 1, "result_id": rid,
+                     "result_label": names[gallery_ds.labels[gi]], "similarity": float(ranking.sims[qi, j]),
+                     "same_label": bool(ranking.relevant[qi, j])}
+            if ood_ref is not None:
+                entry["query_ood_score"], entry["query_ood_flagged"] = float(ood_scores[qn]), bool(ood_flags[qn])
+            full = {}
+            for side, m, hw in (("result", maps[j], rhw), ("query", maps[len(gis) + j], qhw)):
+                full[side] = map_to_original(m, hw, cfg)
+                rel = f"maps/{qid}__{j + 1}_{rid}__{side}.npy"
+                atomic_np_save(save / rel, full[side])
+                entry[f"{side}_map"] = rel
+            for bname, bmaps in branch.items():
+                for side, m, hw in (("result", bmaps[j], rhw), ("query", bmaps[len(gis) + j], qhw)):
+                    rel = f"maps/{qid}__{j + 1}_{rid}__{side}__{bname}.npy"
+                    atomic_np_save(save / rel, map_to_original(m, hw, cfg))
+                    entry.setdefault("branch_maps", {}).setdefault(bname, {})[f"{side}_map"] = rel
+            rnd = {}
+            if args.evaluate or truth is not None:  # the random baseline on the same pair
+                rmap = random_map((size, size), np.random.default_rng([args.seed, int(qi), j, 1]))
+                rnd["map"] = rmap
+            if args.evaluate:
+                base = blurred(rimgs[j]) if args.curve_baseline == "blur" else torch.zeros_like(rimgs[j])
+                for tag, m, dst in (("", maps[j], entry), ("random", rnd["map"], rnd)):
+                    ins, dele = insertion_deletion(model, rimgs[j], eq, m, base, args.steps, args.batch_size)
+                    s_img, s_base = float(dele[0]), float(dele[-1])  # the curves' ends: untouched, all baseline
+                    dst["insertion_auc"] = curve_auc(ins, s_img, s_base)
+                    dst["deletion_auc"] = curve_auc(dele, s_img, s_base)
+                    if not tag:
+                        entry["insertion_curve"] = [round(float(v), 5) for v in ins]
+                        entry["deletion_curve"] = [round(float(v), 5) for v in dele]
+            if truth is not None and rid in truth:
+                mask = truth[rid]
+                entry["pointing_game"] = pointing_game(full["result"], mask)
+                entry["mass_inside"] = mass_inside(full["result"], mask)
+                seen = map_to_original(np.ones((size, size), np.float32), rhw, cfg) > 0.5
+                entry["area_fraction"] = float(mask[seen].mean()) if seen.any() else 0.0
+                rfull = map_to_original(rnd["map"], rhw, cfg)
+                rnd["pointing_game"], rnd["mass_inside"] = pointing_game(rfull, mask), mass_inside(rfull, mask)
+            rnd.pop("map", None)
+            pairs.append(entry)
+            rand_rows.append(rnd)
+            shown.append({"id": rid, "label": entry["result_label"], "similarity": entry["similarity"],
+                          "same_label": entry["same_label"],
+                          "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
+                          "result_map": full["result"], "query_map": full["query"],
+                          "finding": None if truth is None else truth.get(rid)})
+        note = None
+        if ood_ref is not None and ood_flags[qn]:
+            note = f"OOD: unlike the archive (score {ood_scores[qn]:.3g})"
+        plot_query(save / "figures" / f"{qid}.png",
+                   {"id": qid, "label": names[query_ds.labels[qi]],
+                    "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
+                    "finding": None if truth is None else truth.get(qid)},
+                   shown, args.method, note)
+        print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained")
+    elapsed = time.time() - t0
+
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
+           "checkpoint": str(args.resume), "model_name": ckpt["model_name"], "git_revision": git_revision(),
+           "method": args.method, "input_size": size, "resize_mode": cfg["resize_mode"],
+           "num_queries": int(len(queries)), "num_pairs": len(pairs), "seconds": elapsed,
+           # the maps alone (both sides of each pair), without scoring, saving and figures
+           "map_seconds": t_maps, "pairs_per_second": len(pairs) / t_maps if t_maps > 0 else None,
+           "maps_per_pair": n_maps / max(len(pairs), 1), "device": str(device)}
+    if args.method in CAM_METHODS and len(how.layers) > 1:
+        res["branches"] = {"names": how.names, "combined": how.combine}
+    if args.method == "sbsm":
+        res["sbsm"] = {"window": args.window, "stride": args.stride, "fill": "dataset mean (0 after normalisation)"}
+    if ood_ref is not None:
+        res["ood"], _ = ood.query_report(ood_ref, ood_scores, ood_flags, [query_ds.image_ids[i] for i in queries],
+                                         query_ds.labels[queries])
+    classes = [p["query_label"] for p in pairs]
+    scores = {}
+    keys = (["insertion_auc", "deletion_auc"] if args.evaluate else []) + \
+           (["pointing_game", "mass_inside"] if truth is not None else [])
+    for key in keys:
+        scores[key] = {args.method: summarise(pairs, key, classes, args.bootstrap, args.seed),
+                       "random_baseline": summarise(rand_rows, key, classes, args.bootstrap, args.seed)}
+    if truth is not None:
+        scores["uniform_area_fraction"] = summarise(pairs, "area_fraction", classes, args.bootstrap, args.seed)
+        scores["pairs_without_finding"] = sum("pointing_game" not in p for p in pairs)
+    if args.evaluate:
+        scores["curves"] = (f"{args.steps + 1} points from 0 to all pixels changed at the model's input "
+                            f"({size} x {size}); baseline: {args.curve_baseline}; AUC of (s - s_baseline) / (s_image - "
+                            "s_baseline) clipped to [0, 1]; higher insertion and lower deletion = more faithful")
+    res["scores"] = scores
+    res["pairs"] = pairs
+    for key in keys:
+        a, b = scores[key][args.method], scores[key]["random_baseline"]
+        fmt = lambda s: ("n/a" if s["mean"] is None else f"{s['mean']:.3f}"  # noqa: E731
+                         + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else ""))
+        print(f"{key:<14} {args.method}: {fmt(a)}   random baseline: {fmt(b)}   (n = {a['n']})")
+    if truth is not None:
+        u = scores["uniform_area_fraction"]["mean"]
+        print(f"uniform map (finding's area fraction): {'n/a' if u is None else f'{u:.3f}'}; "
+              f"{scores['pairs_without_finding']} pairs skipped (result without finding)")
+    print(f"{len(pairs)} pairs in {elapsed:.1f} s; maps (both sides) {t_maps:.1f} s = {res['pairs_per_second']:.2f} pairs/s")
+    save_json(res, save / "explain.json")  # last: its presence means a complete run
+    print(f"wrote {save / 'explain.json'} and {len(queries)} figures in {save / 'figures'}")
+    return 0
+
+
+def main(args):
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
+        print(f"explain.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(get_args_parser().parse_args()))
