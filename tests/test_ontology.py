@@ -162,7 +162,8 @@ def test_test_backbone_reports_hierarchy_metrics(npy, capsys):
     np.save(d / "f.npy", emb[:, ::-1].copy())
     args = test_backbone.get_args_parser().parse_args(
         ["--model1-embeddings", str(d / "e.npy"), "--model2-embeddings", str(d / "f.npy"), "--save-dir", str(d / "c"),
-         "--visualize-samples", "0", "--hierarchy", str(metrics.DEFAULT_HIERARCHIES["covid"])])
+         "--visualize-samples", "0", "--hierarchy", str(metrics.DEFAULT_HIERARCHIES["covid"]),
+         "--class-names", "normal", "pneumonia", "COVID-19"])  # arrays without X_meta.json: ids are the names
     assert test_backbone.main(args) == 0
     res = json.loads((d / "c" / "backbone_comparison_results.json").read_text())
     hier = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], ["normal", "pneumonia", "COVID-19"])
