@@ -3,6 +3,7 @@
 Checks every pair of lists (train, val, test, gallery) and, within the test list:
   patients        the same patient id on both sides (within the test list: not a leak, not reported)
   same_file       the same file name on both sides
+  same_stem       file names equal but for case and extension (x.png, X.jpeg): one image exported twice
   identical_bytes byte-identical image files (SHA-256 of the file), whatever their names
   phash           near-duplicates: Hamming distance of 64-bit perceptual hashes (imagehash.phash) <= --phash-threshold
   cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT or --embeddings-dir EMB)
@@ -55,7 +56,7 @@ MIH_BLOCKS = 4  # 16-bit blocks: 65536 buckets, ~1.5 hashes per bucket at 100k i
 # pairs (1.6% of the templated demo generator's) are paired. 12-14 bits finds every 3% crop at 5-20x those rates.
 DEFAULT_PHASH_THRESHOLD = 8
 DEFAULT_COSINE_THRESHOLD = 0.98
-METHODS = ("same_file", "identical_bytes", "phash", "cosine")
+METHODS = ("same_file", "same_stem", "identical_bytes", "phash", "cosine")
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -246,6 +247,12 @@ def audit_pair(la, lb, args):
     if not same:
         for i, j in exact_pairs(la.ds.filenames, lb.ds.filenames, False):
             rows.append(("same_file", i, j, 0.0))
+    # x.png beside X.jpeg: one image exported twice (a list-only hint, checked without images too)
+    stems_a = [Path(f).stem.lower() for f in la.ds.filenames]
+    stems_b = stems_a if same else [Path(f).stem.lower() for f in lb.ds.filenames]
+    for i, j in exact_pairs(stems_a, stems_b, same):
+        if la.ds.filenames[i] != lb.ds.filenames[j]:
+            rows.append(("same_stem", i, j, 0.0))
     if la.sha is not None:
         for i, j in exact_pairs(la.sha, lb.sha, same):
             rows.append(("identical_bytes", i, j, 0.0))
@@ -302,7 +309,7 @@ def draw_pairs(rows, path, n):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = {"same_file": 0, "identical_bytes": 0, "phash": 1, "cosine": 2}
+    order = {"same_file": 0, "same_stem": 0, "identical_bytes": 0, "phash": 1, "cosine": 2}
     cross = [r for r in rows if r[0] is not r[2] and r[0].errors.get(r[1]) is None and r[2].errors.get(r[3]) is None]
     cross.sort(key=lambda r: (order[r[4]], r[5]))
     seen, chosen = set(), []
@@ -495,7 +502,7 @@ def run(args):
         "git": git_revision(), "seed": args.seed,
         "lists": {n: {"file": str(lst.ds.list_file), "images": len(lst.ds), "patients": len(set(lst.ds.patient_ids)),
                       "unreadable_skipped": len(lst.errors)} for n, lst in lists.items()},
-        "checks": ["patients", "same_file"] + ([] if args.no_images else ["identical_bytes", "phash"])
+        "checks": ["patients", "same_file", "same_stem"] + ([] if args.no_images else ["identical_bytes", "phash"])
                   + (["cosine"] if any(lst.embeddings is not None for lst in lists.values()) else []),
         "images_read": not args.no_images,
         "thresholds": {"phash_max_bits": args.phash_threshold, "phash_bits": HASH_BITS,

@@ -126,7 +126,7 @@ def test_main_finds_planted_copies_and_writes_a_clean_list(planted, tmp_path, ca
     rep = json.loads((out / "audit.json").read_text())
     c = rep["counts"]["train-test"]
     assert c["patients"] == 1 and rep["shared_patients"]["train-test"] == [shared_pid]
-    assert c["same_file"] == 0 and c["identical_bytes"] == 1
+    assert c["same_file"] == 0 and c["same_stem"] == 0 and c["identical_bytes"] == 1
     rows = list(csv.DictReader((out / "near_duplicates.csv").open()))
     cross = {(r["file_b"], r["file_a"]) for r in rows if r["list_a"] == "train" and r["method"] == "phash"}
     assert cross == set(copies.items())  # every planted copy, and no distinct pair
@@ -224,5 +224,27 @@ def test_covidx_lists_without_images(covidx_dir, tmp_path, capsys):
     assert rep["lists"]["train"]["images"] == 13935 and rep["lists"]["test"]["images"] == 300
     # the shared README: no patient and no file in both lists
     assert rep["counts"]["train-test"]["patients"] == 0 and rep["counts"]["train-test"]["same_file"] == 0
-    assert rep["checks"] == ["patients", "same_file"] and not rep["images_read"]
+    assert rep["counts"]["train-test"]["same_stem"] == 0
+    assert rep["checks"] == ["patients", "same_file", "same_stem"] and not rep["images_read"]
     assert "--no-images: no byte or pHash check was made" in capsys.readouterr().out
+
+
+def test_list_only_checks_by_hand(tmp_path):
+    train, test, val = tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "val.txt"
+    train.write_text("p1 a.png normal\np2 b.png pneumonia\np3 c.jpg COVID-19\n")
+    val.write_text("p9 v.png normal\np3 B.png normal\n")  # patient p3 of train; B.png: b.png's stem
+    test.write_text("p1 x.png normal\nq2 b.png normal\nq3 C.png normal\nq4 d.png normal\nq5 d.jpg normal\n"
+                    "p1 y.png normal\n")
+    out, clean = tmp_path / "audit", tmp_path / "clean.txt"
+    assert run_audit("--no-images", "--train-image-list", train, "--val-image-list", val, "--test-image-list", test,
+                     "--write-clean-list", clean, "--save-dir", out) == 0
+    rep = json.loads((out / "audit.json").read_text())
+    tt, vt, tv = rep["counts"]["train-test"], rep["counts"]["val-test"], rep["counts"]["train-val"]
+    assert (tt["patients"], tt["same_file"], tt["same_stem"]) == (1, 1, 1)  # p1; b.png; c.jpg ~ C.png
+    assert (vt["patients"], vt["same_file"], vt["same_stem"]) == (0, 0, 1)  # B.png ~ b.png
+    assert (tv["patients"], tv["same_file"], tv["same_stem"]) == (1, 0, 1)  # p3; b.png ~ B.png
+    assert rep["shared_patients"] == {"train-val": ["p3"], "train-test": ["p1"], "val-test": []}
+    assert rep["counts"]["within-test"]["same_stem"] == 1  # d.png ~ d.jpg, two patients
+    # copies on the training side (train and val): b.png, C.png; the shared patient's x.png stays
+    assert rep["clean_list"]["removed_lines"] == ["q2 b.png normal", "q3 C.png normal"]
+    assert clean.read_text() == "p1 x.png normal\nq4 d.png normal\nq5 d.jpg normal\np1 y.png normal\n"
