@@ -9,7 +9,8 @@ Checks every pair of lists (train, val, test, gallery) and, within the test list
   cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT or --embeddings-dir EMB)
 Pairs within the test list are reported when the two images carry different patient ids (same-patient pairs are
 removed by --exclude-same-patient already). Hash candidates are found by multi-index hashing (--hash-search mih:
-the 64 bits split into 4 16-bit blocks; a pair within distance t agrees within t // 4 bits on at least one block),
+the 64 bits split into m blocks; a pair within distance t agrees within t // m bits on at least one block),
+with the block count of least expected work (mih_blocks: 3 blocks at t <= 8 and 100k hashes, 4 at t = 10),
 never all pairs; `brute` and `faiss` (IndexBinaryFlat, exact) are the references it is tested against.
 
 Commands:
@@ -37,6 +38,7 @@ import csv
 import hashlib
 import io
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -50,7 +52,6 @@ LISTS = ("train", "val", "test", "gallery")  # audit order; pairs (a, b) with a 
 TRAIN_SIDE = ("train", "val", "gallery")      # a test image with a copy here is an easy match
 OUTPUTS = ("audit.json", "near_duplicates.csv", "closest_pairs.png")
 HASH_BITS = 64
-MIH_BLOCKS = 4  # 16-bit blocks: 65536 buckets, ~1.5 hashes per bucket at 100k images
 # Measured (bench/bench_audit.py --calibrate, README "Data audit"): at 8 bits every resized, JPEG, brightened,
 # 1%-cropped and 2-degree-rotated copy is found, half of the 3% crops; 0.04% of distinct hand-made radiograph-like
 # pairs (1.6% of the templated demo generator's) are paired. 12-14 bits finds every 3% crop at 5-20x those rates.
@@ -142,37 +143,53 @@ def _masks(bits, radius):
     return np.array(out, np.int64)
 
 
-def hash_pairs_mih(a, b=None, threshold=10, blocks=MIH_BLOCKS, query_block=8192):
+def mih_blocks(threshold, n):
+    """The block count with the least expected work per query for `n` indexed hashes (uniform bits assumed):
+    blocks x probes per block x (1 + expected hashes per bucket). Blocks of at most 22 bits (4M buckets)."""
+    def cost(m):
+        bits = HASH_BITS // m
+        probes = sum(math.comb(bits, r) for r in range(int(threshold) // m + 1))
+        return m * probes * (1 + n / 2 ** bits)
+    return min(range(3, HASH_BITS + 1), key=cost)
+
+
+def hash_pairs_mih(a, b=None, threshold=8, blocks=None, query_block=4096):
     """Every pair within `threshold` bits by multi-index hashing (Norouzi et al., CVPR 2012).
 
-    The 64 bits are split into `blocks` disjoint blocks; if d(x, y) <= t then some block differs in at most
-    t // blocks bits (pigeonhole), so each block's table is probed at every value within that radius of the
-    query's block and only those candidates get an exact distance. Same output as hash_pairs_brute.
+    The 64 bits are split into `blocks` disjoint blocks (the last one takes the remainder); if d(x, y) <= t then
+    some block differs in at most t // blocks bits (pigeonhole: otherwise every block differs in more, and the
+    total exceeds t), so each block's table is probed at every value within that radius of the query's block and
+    only those candidates get an exact distance. Same output as hash_pairs_brute.
     """
     a = np.asarray(a, np.uint64)
     same = b is None
     b = a if same else np.asarray(b, np.uint64)
+    blocks = blocks or mih_blocks(threshold, len(b))
     width = HASH_BITS // blocks
     radius = int(threshold) // blocks
-    masks = _masks(width, radius)
     out = [], []
     for k in range(blocks):
-        shift, lo = np.uint64(k * width), np.uint64((1 << width) - 1)
+        bits = width if k < blocks - 1 else HASH_BITS - k * width
+        masks = _masks(bits, radius)
+        shift, lo = np.uint64(k * width), np.uint64((1 << bits) - 1)
         kb = ((b >> shift) & lo).astype(np.int64)
         order = np.argsort(kb, kind="stable")
-        starts = np.searchsorted(kb[order], np.arange((1 << width) + 1))  # bucket v: order[starts[v]:starts[v+1]]
+        starts = np.searchsorted(kb[order], np.arange((1 << bits) + 1))  # bucket v: order[starts[v]:starts[v+1]]
         ka = ((a >> shift) & lo).astype(np.int64)
         for s in range(0, len(a), query_block):
             probes = (ka[s:s + query_block, None] ^ masks[None, :]).ravel()
-            qi = np.repeat(np.arange(s, min(s + query_block, len(a))), len(masks))
             lo_, n = starts[probes], starts[probes + 1] - starts[probes]
-            if not n.sum():
+            hit = n > 0  # most probes of a sparse table are empty: drop them before expanding
+            probes_q = np.repeat(np.arange(s, min(s + query_block, len(a))), len(masks))[hit]
+            lo_, n = lo_[hit], n[hit]
+            if not len(n):
                 continue
-            qi = np.repeat(qi, n)
             # positions lo_[p] .. lo_[p] + n[p] - 1 for every probe p, flattened
             offs = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-            out[0].append(qi)
-            out[1].append(order[np.repeat(lo_, n) + offs])
+            i, j = np.repeat(probes_q, n), order[np.repeat(lo_, n) + offs]
+            keep = hamming(a[i], b[j]) <= threshold  # exact check per chunk: candidates never pile up in memory
+            out[0].append(i[keep])
+            out[1].append(j[keep])
     i, j = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in out)
     return _finish(i.astype(np.int64), j.astype(np.int64), a, b, threshold, same)
 

@@ -130,8 +130,14 @@ def calibrate(thresholds):
                   f"({(distinct <= t).sum()}) |{extra}")
 
 
-def timing(sample, sizes):
+def timing(sample, sizes, t):
     rng = np.random.default_rng(0)
+    if sample:
+        hashing_throughput(rng, sample)
+    search_table(rng, sizes, t)
+
+
+def hashing_throughput(rng, sample):
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for k in range(sample):
@@ -143,6 +149,9 @@ def timing(sample, sizes):
         dt = (time.perf_counter() - t0) / sample
     print(f"\nhashing (decode 1024 px 8-bit PNG + SHA-256 + pHash, 1 process), measured on {sample} images: "
           f"{1 / dt:.1f} images/s; extrapolated: 10k images {1e4 * dt / 60:.1f} min, 100k {1e5 * dt / 60:.1f} min")
+
+
+def search_table(rng, sizes, t):
     print("\n| hashes | threshold | method | seconds | pairs found | equals brute force |")
     print("|---:|---:|---|---:|---:|---|")
     for n in sizes:
@@ -154,15 +163,16 @@ def timing(sample, sizes):
         found = {}
         for method in ("brute", "faiss", "mih"):
             if method == "brute" and n > 20_000:
-                print(f"| {n:,} | 10 | brute | not run ({n * (n - 1) // 2:.1e} pairs) | | |")
+                print(f"| {n:,} | {t} | brute | not run ({n * (n - 1) // 2:.1e} pairs) | | |")
                 continue
             t0 = time.perf_counter()
-            found[method] = audit_data.HASH_SEARCH[method](h, None, threshold=10)
+            found[method] = audit_data.HASH_SEARCH[method](h, None, threshold=t)
             dt = time.perf_counter() - t0
             ref = "brute" if "brute" in found else "faiss"
             same = "reference" if method == ref else (
                 f"{'yes' if all(np.array_equal(x, y) for x, y in zip(found[ref], found[method])) else 'NO'} (vs {ref})")
-            print(f"| {n:,} | 10 | {method} | {dt:.2f} | {len(found[method][0]):,} | {same} |")
+            name = f"mih ({audit_data.mih_blocks(t, n)} blocks)" if method == "mih" else method
+            print(f"| {n:,} | {t} | {name} | {dt:.2f} | {len(found[method][0]):,} | {same} |")
 
 
 def main():
@@ -172,6 +182,8 @@ def main():
     p.add_argument("--thresholds", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12, 14], help="thresholds (bits)")
     p.add_argument("--sample", type=int, default=100, help="images hashed for the throughput estimate")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="synthetic hash set sizes")
+    p.add_argument("--search-thresholds", type=int, nargs="+", default=[audit_data.DEFAULT_PHASH_THRESHOLD, 12],
+                   help="thresholds (bits) of the candidate-search timing")
     p.add_argument("--seed", type=int, default=0, help="recorded; the data are drawn from fixed seeds")
     args = p.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
@@ -180,7 +192,8 @@ def main():
     if args.calibrate or not args.timing:
         calibrate(args.thresholds)
     if args.timing or not args.calibrate:
-        timing(args.sample, args.sizes)
+        for t in args.search_thresholds:
+            timing(args.sample if t == args.search_thresholds[0] else 0, args.sizes, t)
     return 0
 
 

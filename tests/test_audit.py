@@ -47,8 +47,10 @@ def test_hash_search_equals_brute_force():
             full = A.hamming(h[:, None], bb[None, :])
             pairs = {(i, j) for i, j in zip(*np.nonzero(full <= t)) if b is not None or i < j}
             assert set(zip(want[0].tolist(), want[1].tolist())) == pairs
-            for name in backends:
-                got = A.HASH_SEARCH[name](h, b, threshold=t)
+            runs = {name: A.HASH_SEARCH[name](h, b, threshold=t) for name in backends}
+            runs.update({f"mih {m} blocks": A.hash_pairs_mih(h, b, threshold=t, blocks=m, query_block=50)
+                         for m in (3, 4, 7)})
+            for name, got in runs.items():
                 for x, y in zip(want, got):
                     np.testing.assert_array_equal(x, y, err_msg=f"{name} t={t}")
     # the planted pairs are there: entry k and k+1 at k % 16 bits
