@@ -288,7 +288,7 @@ def audit_pair(la, lb, args):
     return rows
 
 
-def run_audit(lists, args):
+def run_audit(lists, args, checks=METHODS):
     """Counts, shared patients and pair rows for every list pair and within the test list."""
     names = [n for n in LISTS if n in lists]
     pairs = [(lists[a], lists[b]) for a, b in itertools.combinations(names, 2)]
@@ -298,7 +298,7 @@ def run_audit(lists, args):
     for la, lb in pairs:
         key = f"{la.name}-{lb.name}" if la is not lb else f"within-{la.name}"
         found = audit_pair(la, lb, args)
-        c = {m: len({(i, j) for mm, i, j, _ in found if mm == m}) for m in METHODS}
+        c = {m: len({(i, j) for mm, i, j, _ in found if mm == m}) for m in METHODS if m in checks}
         if la is not lb:
             pats = sorted(set(la.ds.patient_ids) & set(lb.ds.patient_ids))
             shared[key] = pats
@@ -501,7 +501,9 @@ def run(args):
                       f"{skipped[lst.name][0]}", file=sys.stderr)
     if model is not None:
         model_embeddings(model, lists, args)
-    counts, shared, rows = run_audit(lists, args)
+    checks = (["patients", "same_file", "same_stem"] + ([] if args.no_images else ["identical_bytes", "phash"])
+              + (["cosine"] if any(lst.embeddings is not None for lst in lists.values()) else []))
+    counts, shared, rows = run_audit(lists, args, checks)
 
     ensure_writable_dir(args.save_dir)
     removed = []
@@ -519,8 +521,7 @@ def run(args):
         "git": git_revision(), "seed": args.seed,
         "lists": {n: {"file": str(lst.ds.list_file), "images": len(lst.ds), "patients": len(set(lst.ds.patient_ids)),
                       "unreadable_skipped": len(lst.errors)} for n, lst in lists.items()},
-        "checks": ["patients", "same_file", "same_stem"] + ([] if args.no_images else ["identical_bytes", "phash"])
-                  + (["cosine"] if any(lst.embeddings is not None for lst in lists.values()) else []),
+        "checks": checks,
         "images_read": not args.no_images,
         "thresholds": {"phash_max_bits": args.phash_threshold, "phash_bits": HASH_BITS,
                        "cosine_min": args.cosine_threshold, "cosine_k": args.cosine_k},
