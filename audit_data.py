@@ -6,7 +6,7 @@ Checks every pair of lists (train, val, test, gallery) and, within the test list
   same_stem       file names equal but for case and extension (x.png, X.jpeg): one image exported twice
   identical_bytes byte-identical image files (SHA-256 of the file), whatever their names
   phash           near-duplicates: Hamming distance of 64-bit perceptual hashes (imagehash.phash) <= --phash-threshold
-  cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT or --embeddings-dir EMB)
+  cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT or --embeddings-dir EMB; the latter also with --no-images)
 Pairs within the test list are reported when the two images carry different patient ids (same-patient pairs are
 removed by --exclude-same-patient already). Hash candidates are found by multi-index hashing (--hash-search mih:
 the 64 bits split into m blocks; a pair within distance t agrees within t // m bits on at least one block),
@@ -410,7 +410,7 @@ def get_args_parser():
     g.add_argument("--gallery-image-list", type=Path, default=None,
                    help="retrieval archive list (images in the training folder), audited like the others")
     g.add_argument("--no-images", action="store_true",
-                   help="audit the lists only (patients, file names); no image is read, --dataset-dir not needed")
+                   help="read no image (patients, file names, and --embeddings-dir cosine); --dataset-dir not needed")
     g.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
                    help="pHash pairs at most this many bits apart (of 64) are near-duplicates (measured: README)")
     g.add_argument("--hash-search", default="mih", choices=sorted(HASH_SEARCH),
@@ -445,8 +445,9 @@ def validate(args):
         raise ValueError(f"--cosine-threshold must be in [-1, 1], got {args.cosine_threshold}")
     if args.cosine_k < 1 or args.figure_pairs < 0 or args.batch_size < 1:
         raise ValueError("--cosine-k and --batch-size must be >= 1, --figure-pairs >= 0")
-    if args.no_images and (args.resume or args.embeddings_dir):
-        raise ValueError("--no-images reads no image: drop --resume / --embeddings-dir, or drop --no-images")
+    if args.no_images and args.resume:
+        raise ValueError("--no-images reads no image, so --resume cannot embed any: drop one of them "
+                         "(--embeddings-dir works without images)")
     if not args.no_images and args.dataset_dir is None:
         raise ValueError("--dataset-dir is needed to read the images; pass --no-images to audit the lists only")
     for flag, path in (("--resume", args.resume), ("--embeddings-dir", args.embeddings_dir)):
@@ -545,7 +546,7 @@ def run(args):
               + f"  images with a copy {c['images_with_a_copy']}")
     print(f"wrote {args.save_dir / 'audit.json'}, near_duplicates.csv ({len(rows)} rows)"
           + ("" if args.no_images else ", closest_pairs.png") + (
-              "" if not args.no_images else "; --no-images: no byte or pHash check was made"))
+              "" if not args.no_images else "; --no-images: no byte or pHash check was made, no figure drawn"))
     return 0
 
 

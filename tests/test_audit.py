@@ -170,6 +170,12 @@ def test_embeddings_dir_cosine_pairs(planted, tmp_path):
     rows = [r for r in csv.DictReader((out / "near_duplicates.csv").open()) if r["method"] == "cosine"]
     assert [(r["file_a"], r["file_b"]) for r in rows] == [(copies["renamed.png"], "renamed.png")]
     assert float(rows[0]["distance"]) == pytest.approx(1 - 0.6 / np.sqrt(0.37), abs=1e-6)
+    # the same from the embeddings alone, no image read
+    assert run_audit("--no-images", "--train-image-list", d / "train_split.txt", "--test-image-list", test_list,
+                     "--embeddings-dir", emb, "--save-dir", tmp_path / "no_images") == 0
+    rep = json.loads((tmp_path / "no_images" / "audit.json").read_text())
+    assert rep["checks"] == ["patients", "same_file", "same_stem", "cosine"]
+    assert rep["counts"]["train-test"]["cosine"] == 1 and rep["counts"]["within-test"]["cosine"] == 0
 
 
 def test_resume_embeds_and_pairs_the_byte_copy(planted, tmp_path):
@@ -206,7 +212,7 @@ def test_missing_images_are_named_before_any_work(planted, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--no-images", "--embeddings-dir", "."], "--no-images reads no image"),
+    (["--no-images", "--resume", "."], "--no-images reads no image"),
     (["--phash-threshold", "64"], "--phash-threshold"),
     ([], "--dataset-dir is needed"),
 ])
@@ -228,7 +234,7 @@ def test_covidx_lists_without_images(covidx_dir, tmp_path, capsys):
     assert rep["counts"]["train-test"]["patients"] == 0 and rep["counts"]["train-test"]["same_file"] == 0
     assert rep["counts"]["train-test"]["same_stem"] == 0
     assert rep["checks"] == ["patients", "same_file", "same_stem"] and not rep["images_read"]
-    assert "--no-images: no byte or pHash check was made" in capsys.readouterr().out
+    assert "--no-images: no byte or pHash check was made, no figure drawn" in capsys.readouterr().out
 
 
 def test_list_only_checks_by_hand(tmp_path):
