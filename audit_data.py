@@ -6,7 +6,8 @@ Checks every pair of lists (train, val, test, gallery) and, within the test list
   same_stem       file names equal but for case and extension (x.png, X.jpeg): one image exported twice
   identical_bytes byte-identical image files (SHA-256 of the file), whatever their names
   phash           near-duplicates: Hamming distance of 64-bit perceptual hashes (imagehash.phash) <= --phash-threshold
-  cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT or --embeddings-dir EMB; the latter also with --no-images)
+  cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT, or --embeddings-dir EMB,
+                  which also works with --no-images)
 Pairs within the test list are reported when the two images carry different patient ids (same-patient pairs are
 removed by --exclude-same-patient already). Hash candidates are found by multi-index hashing (--hash-search mih:
 the 64 bits split into m blocks; a pair within distance t agrees within t // m bits on at least one block),
@@ -85,7 +86,7 @@ def _hash_or_error(path):
 def hash_files(paths, workers=1, desc="hashing"):
     """(sha256 list with None for unreadable files, uint64 pHash array, {index: error}) in path order."""
     from utils import Progress
-    if workers > 1 and len(paths) >= 256:  # a spawned pool costs seconds to start (imports torch)
+    if workers > 1 and len(paths) >= 512:  # a spawned pool costs ~3 s to start (imports torch): not for a few images
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(workers) as pool:
             results = list(Progress(pool.imap(_hash_or_error, paths, chunksize=16), desc=desc, total=len(paths)))

@@ -72,7 +72,8 @@ def radiograph_like(rng, size=256):
     gap, tilt = s * rng.uniform(0.04, 0.08), rng.uniform(-0.4, 0.4)
     for k in range(int(rng.integers(6, 11))):
         y = cy - bh * 0.8 + k * gap
-        d.line([cx - bw, y + tilt * bw, cx + bw, y - tilt * bw], fill=int(rng.integers(120, 170)), width=max(1, s // 80))
+        d.line([cx - bw, y + tilt * bw, cx + bw, y - tilt * bw], fill=int(rng.integers(120, 170)),
+               width=max(1, s // 80))
     hx, hy = cx + s * rng.uniform(-0.05, 0.1), cy + bh * rng.uniform(0.1, 0.35)
     hr = s * rng.uniform(0.1, 0.16)
     d.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=int(rng.integers(150, 210)))
@@ -176,7 +177,8 @@ def search_table(rng, sizes, t):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--calibrate", action="store_true", help="pHash threshold trade-off on planted copies")
     p.add_argument("--timing", action="store_true", help="hashing throughput and candidate search time")
     p.add_argument("--thresholds", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12, 14], help="thresholds (bits)")
@@ -186,7 +188,8 @@ def main():
                    help="thresholds (bits) of the candidate-search timing")
     p.add_argument("--seed", type=int, default=0, help="recorded; the data are drawn from fixed seeds")
     args = p.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, python {platform.python_version()}"
+    print(f"machine: {platform.processor() or platform.machine()}, {platform.system()}, "
+          f"python {platform.python_version()}"
           f"; date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"command: python bench/bench_audit.py {shlex.join(sys.argv[1:])}")
     if args.calibrate or not args.timing:
