@@ -542,6 +542,8 @@ def run(args):
     atomic_write_text(args.save_dir / "near_duplicates.csv", buf.getvalue())
     if not args.no_images:
         draw_pairs(rows, args.save_dir / "closest_pairs.png", args.figure_pairs)
+    elif (args.save_dir / "closest_pairs.png").exists():  # --overwrite of an audit with images: no stale figure
+        (args.save_dir / "closest_pairs.png").unlink()
     for key, c in counts.items():
         print(f"{key:>20}: " + "  ".join(f"{k} {v}" for k, v in c.items() if k != "images_with_a_copy")
               + f"  images with a copy {c['images_with_a_copy']}")
