@@ -450,7 +450,8 @@ def overlap_warning(ds_a, ds_b, name_a="train", name_b="test"):
         return None
     msg = (f"{name_a} list {ds_a.list_file} and {name_b} list {ds_b.list_file} share "
            f"{len(patients)} patients and {len(files)} files (e.g. {sorted(patients or files)[:3]}); "
-           f"retrieval results will be optimistic")
+           f"retrieval results will be optimistic; run audit_data.py for the full audit (copies and "
+           f"near-duplicate images under other names and patient ids)")
     warnings.warn(msg, stacklevel=2)
     return msg
 

@@ -407,7 +407,8 @@ def run(args):
     if not loo and query["image_ids"] is not None and gal["image_ids"] is not None:
         shared = len(set(query["image_ids"].astype(str)) & set(gal["image_ids"].astype(str)))
         if shared:
-            print(f"warning: {shared} query image ids also appear in the gallery; those matches are trivial")
+            print(f"warning: {shared} query image ids also appear in the gallery; those matches are trivial "
+                  f"(audit_data.py finds copies under other names too)")
     with_groups = qp is not None and gp is not None
     res, ranking = metrics.evaluate(
         query["embeddings"], query["labels"], None if loo else gal["embeddings"], None if loo else gal["labels"],
