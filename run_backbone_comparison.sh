@@ -11,9 +11,23 @@
 #     bash run_backbone_comparison.sh
 # Multi-GPU extraction: NPROC=4 (torchrun). CPU: DEVICE=cpu. Any two models: MODEL1_ARGS / MODEL2_ARGS hold the
 # extract_embeddings.py model flags (e.g. MODEL2_ARGS="--resume other_best_ckpt.pth").
-# Embeddings already in EMB_DIR are reused (set OVERWRITE=1 to extract again); the comparison is always redone.
+# Interpreter: PYTHON=/path/to/venv/bin/python (default: python on PATH); it must import torch.
+# Embeddings already in EMB_DIR are reused (REEXTRACT=1 extracts again). Results already in OUT_DIR are never
+# replaced silently: the script stops unless --overwrite (or OVERWRITE=1) is given.
+# Options: -h/--help (this text), --overwrite. Everything else is set through the environment variables below.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; grep -E '^[A-Z_0-9]+=\$\{' "$0" | sed 's/^/    /'; }
+FORCE=0
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) usage; exit 0 ;;
+        --overwrite) FORCE=1 ;;
+        *) echo "error: unknown option $arg (options: --help, --overwrite; settings go in environment variables)" >&2
+           exit 2 ;;
+    esac
+done
 
 # ----------------------------------------------------------------------------- settings (override from the environment)
 PYTHON=${PYTHON:-python}
@@ -31,7 +45,7 @@ OUT_DIR=${OUT_DIR:-results/backbone_comparison}
 EMB_DIR=${EMB_DIR:-$OUT_DIR/embeddings}
 BATCH_SIZE=${BATCH_SIZE:-32}
 CONCEPTCLIP_BATCH_SIZE=${CONCEPTCLIP_BATCH_SIZE:-8}
-WORKERS=${WORKERS:-4}
+WORKERS=${WORKERS:-}                            # empty -> the scripts' default (utils.default_workers: this machine's cores, at most 4)
 DEVICE=${DEVICE:-}                              # empty -> cuda when available, else cpu
 NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --nproc_per_node=NPROC
 K=${K:-5}
@@ -39,7 +53,25 @@ FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
 VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
 EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-0}
 SEED=${SEED:-0}
-OVERWRITE=${OVERWRITE:-0}
+OVERWRITE=${OVERWRITE:-0}                       # 1 = --overwrite: replace results already in OUT_DIR
+REEXTRACT=${REEXTRACT:-0}                       # 1: extract embeddings again even when EMB_DIR has them
+[[ "$FORCE" == 1 ]] && OVERWRITE=1
+
+# ----------------------------------------------------------------------------- checks before any work
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "error: the interpreter PYTHON=$PYTHON cannot import torch; point PYTHON at the environment where the" \
+         "requirements are installed, e.g. PYTHON=/path/to/venv/bin/python bash $0" >&2
+    exit 2
+fi
+EXISTING=()
+for f in backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png; do
+    [[ -e "$OUT_DIR/$f" ]] && EXISTING+=("$OUT_DIR/$f")
+done
+if [[ ${#EXISTING[@]} -gt 0 && "$OVERWRITE" != 1 ]]; then
+    echo "error: $OUT_DIR already holds results (${EXISTING[*]}); choose another OUT_DIR or pass --overwrite" \
+         "(OVERWRITE=1) to replace them" >&2
+    exit 2
+fi
 # demo only
 DEMO_DIR=${DEMO_DIR:-data/demo}
 DEMO_CKPT=${DEMO_CKPT:-}                        # empty -> newest checkpoints/demo/*/*_best_ckpt.pth, else train one
@@ -102,16 +134,17 @@ else
     LAUNCH=("$PYTHON")
 fi
 COMMON=(--dataset "$DATASET" --dataset-dir "$DATASET_DIR" --test-image-list "$TEST_LIST" --batch-size "$BATCH_SIZE"
-        --conceptclip-batch-size "$CONCEPTCLIP_BATCH_SIZE" --workers "$WORKERS")
+        --conceptclip-batch-size "$CONCEPTCLIP_BATCH_SIZE" --seed "$SEED")
+[[ -n "$WORKERS" ]] && COMMON+=(--workers "$WORKERS")
 [[ -n "$TEST_DATASET_DIR" ]] && COMMON+=(--test-dataset-dir "$TEST_DATASET_DIR")
 [[ -n "$DEVICE" ]] && COMMON+=(--device "$DEVICE")
-[[ "$OVERWRITE" == 1 ]] && COMMON+=(--overwrite)
+[[ "$REEXTRACT" == 1 ]] && COMMON+=(--overwrite)
 
 extract() {  # extract NAME "MODEL FLAGS"
     local out="$EMB_DIR/$1.npy" flags
     read -r -a flags <<< "$2"
-    if [[ -f "$out" && "$OVERWRITE" != 1 ]]; then
-        echo "== reusing $out (OVERWRITE=1 extracts again)"
+    if [[ -f "$out" && "$REEXTRACT" != 1 ]]; then
+        echo "== reusing $out (REEXTRACT=1 extracts again)"
         return
     fi
     echo "== extracting $1: ${flags[*]}"
@@ -125,7 +158,8 @@ read -r -a ALPHAS <<< "$FUSION_ALPHAS"
 CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
      --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
      --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
-     --seed "$SEED" --overwrite)
+     --seed "$SEED")
+[[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
 [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
 echo "== comparing $MODEL1_NAME and $MODEL2_NAME"
 "$PYTHON" test_backbone.py "${CMP[@]}"

@@ -15,12 +15,12 @@ SCRIPT = ROOT / "run_backbone_comparison.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run_script(env_overrides, timeout=240):
+def run_script(env_overrides, timeout=240, args=()):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", **env_overrides)
     for key in ("DATASET_DIR", "TEST_LIST", "CONVNEXT_CKPT", "MODEL1_ARGS", "MODEL2_ARGS"):
         if key not in env_overrides:
             env.pop(key, None)  # a variable set in the caller's shell must not leak into the test
-    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_demo_end_to_end(demo_data, tmp_path):
@@ -39,8 +39,11 @@ def test_demo_end_to_end(demo_data, tmp_path):
     assert res["num_queries"] == len((demo_data / "test_split.txt").read_text().split("\n")) - 1
     assert (out / "overlap_histogram.png").is_file() and len(list(out.glob("query_*_comparison.png"))) == 2
     assert (out / "embeddings" / "model1.npy").is_file() and "Results:" in proc.stdout
-    # second run: embeddings reused, comparison redone
-    again = run_script(env)
+    # second run: the results already there are never replaced silently
+    refused = run_script(env)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr and "== extracting" not in refused.stdout
+    # with --overwrite: embeddings reused, comparison redone
+    again = run_script(env, args=["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("== reusing") == 2
 
@@ -49,3 +52,30 @@ def test_real_mode_needs_a_checkpoint(tmp_path):
     proc = run_script({"DATASET_DIR": str(tmp_path), "TEST_LIST": str(tmp_path / "test.txt"),
                        "OUT_DIR": str(tmp_path / "r")}, timeout=30)
     assert proc.returncode == 2 and "CONVNEXT_CKPT" in proc.stderr
+
+
+def test_help_prints_usage_and_runs_nothing(tmp_path):
+    proc = run_script({"OUT_DIR": str(tmp_path / "r")}, timeout=30, args=["--help"])
+    assert proc.returncode == 0 and "PYTHON=" in proc.stdout and "--overwrite" in proc.stdout
+    assert not (tmp_path / "r").exists() and "==" not in proc.stdout
+
+
+def test_interpreter_without_torch_is_refused(tmp_path):
+    proc = run_script({"PYTHON": "/bin/false", "OUT_DIR": str(tmp_path / "r")}, timeout=30)
+    assert proc.returncode == 2 and "cannot import torch" in proc.stderr and "PYTHON=/bin/false" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_results_refused_before_any_work(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "backbone_comparison_results.json").write_text("{}")
+    proc = run_script({"OUT_DIR": str(out), "DEMO_DIR": str(tmp_path / "demo")}, timeout=60)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert not (tmp_path / "demo").exists() and (out / "backbone_comparison_results.json").read_text() == "{}"
+
+
+def test_seed_passed_and_workers_not_forced():
+    text = SCRIPT.read_text()
+    assert '--seed "$SEED"' in text and "WORKERS=${WORKERS:-}" in text and '"${PYTHON:-python}"' not in text
+    assert "PYTHON=${PYTHON:-python}" in text
