@@ -194,3 +194,16 @@ def test_apply_checks_widths_and_overwrite(tmp_path):
     assert tbk.main(args) == 0
     res = json.loads((tmp_path / "cmp" / "backbone_comparison_results.json").read_text())
     assert "Learned fusion" in res["paired"]["mAP@5"] and len(res["paired"]["pairs"]) == 10
+
+
+def test_test_py_saves_per_query_ap_and_r1(tmp_path):
+    import test as test_script
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)  # neighbours: 0<->1, 2<->3
+    y = np.array([0, 0, 1, 0])                                              # query 2's neighbour 3 is wrong
+    f = write_set(tmp_path, "e", emb, y, ["a", "b", "c", "d"])
+    args = test_script.get_args_parser().parse_args(["--embeddings", f, "--save-dir", str(tmp_path / "out"),
+                                                     "--k-values", "1", "2", "--vote-k", "1"])
+    assert test_script.main(args) == 0
+    with np.load(tmp_path / "out" / "per_query.npz") as z:
+        assert z["r1"].tolist() == [1.0, 1.0, 0.0, 0.0] and z["image_ids"].tolist() == ["a", "b", "c", "d"]
+        assert z["ap"][0] == pytest.approx(1.0) and np.isnan(z["ap"][2])  # query 2 has no relevant image
