@@ -53,6 +53,10 @@ FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
 VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
 EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-0}
 SEED=${SEED:-0}
+TRAIN_LIST=${TRAIN_LIST:-}                      # training list for the learned fusion (demo: its train_split.txt)
+LEARNED_FUSION=${LEARNED_FUSION:-1}             # 0: skip train_fusion.py (needs TRAIN_LIST)
+FUSION_HEAD=${FUSION_HEAD:-mlp}                 # concat, mlp or gated
+FUSION_EPOCHS=${FUSION_EPOCHS:-10}
 OVERWRITE=${OVERWRITE:-0}                       # 1 = --overwrite: replace results already in OUT_DIR
 REEXTRACT=${REEXTRACT:-0}                       # 1: extract embeddings again even when EMB_DIR has them
 [[ "$FORCE" == 1 ]] && OVERWRITE=1
@@ -86,6 +90,7 @@ if [[ -z "$DATASET_DIR" ]]; then
     fi
     DATASET_DIR=$DEMO_DIR
     TEST_LIST=${TEST_LIST:-$DEMO_DIR/test_split.txt}
+    TRAIN_LIST=${TRAIN_LIST:-$DEMO_DIR/train_split.txt}
     if [[ -z "$MODEL1_ARGS" ]]; then
         if [[ -z "$DEMO_CKPT" ]]; then
             DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
@@ -140,25 +145,46 @@ COMMON=(--dataset "$DATASET" --dataset-dir "$DATASET_DIR" --test-image-list "$TE
 [[ -n "$DEVICE" ]] && COMMON+=(--device "$DEVICE")
 [[ "$REEXTRACT" == 1 ]] && COMMON+=(--overwrite)
 
-extract() {  # extract NAME "MODEL FLAGS"
-    local out="$EMB_DIR/$1.npy" flags
+extract() {  # extract NAME "MODEL FLAGS" [extra flags: another list]
+    local out="$EMB_DIR/$1.npy" flags extra=("${@:3}")
     read -r -a flags <<< "$2"
     if [[ -f "$out" && "$REEXTRACT" != 1 ]]; then
         echo "== reusing $out (REEXTRACT=1 extracts again)"
         return
     fi
     echo "== extracting $1: ${flags[*]}"
-    "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" --output "$out"
+    "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" "${extra[@]}" --output "$out"
 }
 extract model1 "$MODEL1_ARGS"
 extract model2 "$MODEL2_ARGS"
+
+# ----------------------------------------------------------------------------- step 2b: learned fusion
+# trained on the TRAINING list's embeddings (epoch chosen on its patient-disjoint validation split), applied to
+# the test list's: the test list is never used for training or selection
+LEARNED=()
+if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
+    TRAIN_IMG_DIR=$DATASET_DIR
+    [[ -d "$DATASET_DIR/train" ]] && TRAIN_IMG_DIR=$DATASET_DIR/train
+    extract train_model1 "$MODEL1_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
+    extract train_model2 "$MODEL2_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
+    echo "== training the $FUSION_HEAD fusion head on the training list's embeddings"
+    FUSION_DIR=$OUT_DIR/fusion
+    FUSION_FLAGS=(--seed "$SEED")
+    [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
+    "$PYTHON" train_fusion.py --embeddings "$EMB_DIR/train_model1.npy" "$EMB_DIR/train_model2.npy" \
+        --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"
+    CKPT=$(ls -t "$FUSION_DIR"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
+    "$PYTHON" train_fusion.py --apply "$CKPT" --embeddings "$EMB_DIR/model1.npy" "$EMB_DIR/model2.npy" \
+        --output "$EMB_DIR/fused.npy" "${FUSION_FLAGS[@]}"
+    LEARNED=(--learned-embeddings "$EMB_DIR/fused.npy" --learned-name "Learned $FUSION_HEAD fusion")
+fi
 
 # ----------------------------------------------------------------------------- step 3: comparison
 read -r -a ALPHAS <<< "$FUSION_ALPHAS"
 CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
      --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
      --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
-     --seed "$SEED")
+     --seed "$SEED" "${LEARNED[@]}")
 [[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
 [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
 echo "== comparing $MODEL1_NAME and $MODEL2_NAME"

@@ -141,7 +141,8 @@ def embed(head, x, device, batch=8192):
 def validation_map(head, x, labels, patient_ids, device):
     """Leave-one-out mAP@10 on the validation images (metrics.knn_search and map_at_k: the toolkit's tie rule;
     other images of the query's patient excluded), without the vote metrics evaluate() adds."""
-    k = min(10, len(labels) - 1)
+    cand, _ = metrics.candidate_counts(labels, query_groups=patient_ids, exclude_same_group=patient_ids is not None)
+    k = max(1, min(10, int(cand.min())))  # a tiny validation split (the demo) cannot fill a top-10
     _, idx = metrics.knn_search(embed(head, x, device), None, k, exclude_self=True, query_groups=patient_ids)
     return float(metrics.map_at_k(labels[idx] == labels[:, None], k).mean())
 

@@ -39,13 +39,16 @@ def test_demo_end_to_end(demo_data, tmp_path):
     assert res["num_queries"] == len((demo_data / "test_split.txt").read_text().split("\n")) - 1
     assert (out / "overlap_histogram.png").is_file() and len(list(out.glob("query_*_comparison.png"))) == 2
     assert (out / "embeddings" / "model1.npy").is_file() and "Results:" in proc.stdout
+    # the learned fusion: trained on the training list's embeddings, applied to the test list's, its row printed
+    assert (out / "embeddings" / "fused.npy").is_file() and "Learned mlp fusion" in res["paired"]["mAP@5"]
+    assert "Learned mlp fusion" in proc.stdout
     # second run: the results already there are never replaced silently
     refused = run_script(env)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and "== extracting" not in refused.stdout
     # with --overwrite: embeddings reused, comparison redone
     again = run_script(env, args=["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("== reusing") == 2
+    assert again.stdout.count("== reusing") == 4
 
 
 def test_real_mode_needs_a_checkpoint(tmp_path):
