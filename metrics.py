@@ -990,3 +990,81 @@ def hierarchical_metrics(indices, query_labels, gallery_labels, hierarchy: Hiera
                         "h": {f"{c[i]}|{c[j]}": float(hierarchy.distance[i, j])
                               for i in range(len(c)) for j in range(i + 1, len(c))}}
     return out
+
+
+# --------------------------------------------------------------------------- paired comparison of two methods
+
+def _paired_group_sums(a, b, groups):
+    """Per-group sums of the per-query differences a - b and per-group query counts (groups None: one per query).
+
+    Resampling or sign-flipping whole groups (patients) keeps a patient's queries together: they are not
+    independent, and treating them as such gives too narrow CIs and too small p-values.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired scores must be two equal-length 1-D arrays, got shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired scores hold non-finite values; drop queries without a defined score first")
+    d = a - b
+    if groups is None:
+        return d, np.ones_like(d)
+    groups = np.asarray(groups)
+    if groups.shape != d.shape:
+        raise ValueError(f"groups have shape {groups.shape}, the scores {d.shape}")
+    code = np.unique(groups.astype(str), return_inverse=True)[1].reshape(-1)
+    return np.bincount(code, weights=d), np.bincount(code).astype(np.float64)
+
+
+def paired_bootstrap_ci(a, b, groups=None, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
+    """Mean of a - b over queries and its percentile bootstrap CI, resampling groups (patients) with all their
+    queries when ``groups`` is given, else queries. Returns (diff, low, high); low = high = diff for n_boot 0."""
+    sums, counts = _paired_group_sums(a, b, groups)
+    diff = float(sums.sum() / counts.sum())
+    if n_boot <= 0:
+        return diff, diff, diff
+    rng = np.random.default_rng(seed)
+    g = len(sums)
+    means = np.empty(n_boot)
+    step = max(1, (1 << 22) // g)  # bound the (reps, groups) count matrix
+    for s in range(0, n_boot, step):
+        reps = min(step, n_boot - s)
+        w = rng.multinomial(g, np.full(g, 1.0 / g), size=reps)  # how often each group is drawn
+        means[s:s + reps] = (w @ sums) / (w @ counts)
+    q = (1 - level) / 2
+    return diff, float(np.quantile(means, q)), float(np.quantile(means, 1 - q))
+
+
+def paired_permutation_test(a, b, groups=None, n_perm: int = 1000, seed: int = 0) -> float:
+    """Two-sided paired permutation (sign-flip) p-value for mean(a - b) = 0: under the null the two methods'
+    labels are exchangeable within each query (each group when ``groups`` is given), so each group's
+    difference flips sign at random. p = (1 + #{|T*| >= |T|}) / (1 + n_perm), so p > 0 and identical inputs
+    give p = 1."""
+    sums, counts = _paired_group_sums(a, b, groups)
+    n = counts.sum()
+    observed = abs(sums.sum()) / n
+    if n_perm <= 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    step = max(1, (1 << 22) // len(sums))
+    tol = 1e-12 * max(1.0, observed)  # float round-off must not turn |T*| = |T| into a miss
+    for s in range(0, n_perm, step):
+        reps = min(step, n_perm - s)
+        signs = rng.integers(0, 2, size=(reps, len(sums))) * 2 - 1
+        hits += int((np.abs(signs @ sums) / n >= observed - tol).sum())
+    return (1 + hits) / (1 + n_perm)
+
+
+def paired_comparison(scores: dict, groups=None, n_boot: int = 1000, n_perm: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> list:
+    """Every pair of methods in ``scores`` (name -> per-query scores on the same queries, in insertion order):
+    dicts with a, b, diff = mean(a - b), ci [low, high], p, and significant (the CI excludes 0)."""
+    names = list(scores)
+    out = []
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            diff, low, high = paired_bootstrap_ci(scores[x], scores[y], groups, n_boot, seed, level)
+            p = paired_permutation_test(scores[x], scores[y], groups, n_perm, seed)
+            out.append({"a": x, "b": y, "diff": diff, "ci": [low, high], "p": p,
+                        "significant": bool(low > 0 or high < 0)})
+    return out

@@ -601,7 +601,7 @@ def build_model(name, **model_args):
     if kwargs.get("embedding_dim") is not None and int(kwargs["embedding_dim"]) < 1:
         raise ValueError(f"--embedding-dim must be >= 1, got {kwargs['embedding_dim']}")
     model = cls(**kwargs)
-    for note in model.notes:
+    for note in getattr(model, "notes", ()):
         if utils.is_main_process():
             print(f"note: {note}")
     return model
@@ -882,3 +882,71 @@ def linear_gap_head(model):
 
     proj = model.proj
     return feature_map, (None if proj is None else proj.weight), (None if proj is None else proj.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned fusion heads on frozen embeddings (train_fusion.py), registered as model "fusion".
+# Its own block: the configuration travels in the existing `backbone` and `embedding_dim` model arguments
+# ("fusion-{head}:{d1},{d2},...") so that DEFAULT_MODEL_ARGS and the image models' CLI stay untouched, and
+# load_checkpoint rebuilds it like any other model.
+
+FUSION_HEADS = ("concat", "mlp", "gated")
+
+
+def fusion_spec(head, input_dims):
+    return f"fusion-{head}:" + ",".join(str(int(d)) for d in input_dims)
+
+
+def parse_fusion_spec(spec):
+    """'fusion-gated:256,512' -> ('gated', [256, 512]); a clear error for anything else."""
+    try:
+        kind, dims = str(spec).split(":")
+        head = kind[len("fusion-"):] if kind.startswith("fusion-") else None
+        dims = [int(d) for d in dims.split(",")]
+    except ValueError:
+        head, dims = None, []
+    if head not in FUSION_HEADS or len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"fusion head spec {spec!r}: expected 'fusion-{{{','.join(FUSION_HEADS)}}}:D1,D2[,...]'")
+    return head, dims
+
+
+class FusionHead(nn.Module):
+    """Fuse M frozen embeddings of one image; input (B, D1 + ... + DM), each block L2-normalised first.
+
+    concat: Linear over the concatenation. mlp: Linear-LayerNorm-ReLU-Linear (the paper's fusion block).
+    gated: each input projected to the output width and normalised, then mixed with per-image softmax weights
+    computed from the concatenation. The output is L2-normalised, as every model of this registry.
+    """
+    model_name = "fusion"
+    ARG_NAMES = ("backbone", "embedding_dim", "pretrained")
+
+    def __init__(self, backbone=None, embedding_dim=None, pretrained=False):
+        super().__init__()
+        self.head, self.input_dims = parse_fusion_spec(backbone)
+        total = sum(self.input_dims)
+        self.embedding_dim = int(embedding_dim or 128)
+        e = self.embedding_dim
+        if self.head == "concat":
+            self.proj = nn.Linear(total, e)
+        elif self.head == "mlp":
+            self.proj = nn.Sequential(nn.Linear(total, e), nn.LayerNorm(e), nn.ReLU(inplace=True), nn.Linear(e, e))
+        else:
+            self.projs = nn.ModuleList(nn.Linear(d, e) for d in self.input_dims)
+            self.gate = nn.Linear(total, len(self.input_dims))
+        self.model_args = {"backbone": backbone, "embedding_dim": self.embedding_dim}
+        # not an image model: no transform; extract_embeddings.py cannot use it (train_fusion.py --apply does)
+        self.data_config = None
+
+    def split(self, x):
+        return [F.normalize(p, dim=1) for p in torch.split(x, self.input_dims, dim=1)]
+
+    def forward(self, x):
+        parts = self.split(x)
+        if self.head == "gated":
+            w = torch.softmax(self.gate(torch.cat(parts, 1)), dim=1)          # (B, M)
+            z = torch.stack([F.normalize(p(v), dim=1) for p, v in zip(self.projs, parts)], 1)  # (B, M, E)
+            return F.normalize((w.unsqueeze(2) * z).sum(1), dim=1)
+        return F.normalize(self.proj(torch.cat(parts, 1)), dim=1)
+
+
+MODELS["fusion"] = FusionHead

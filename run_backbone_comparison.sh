@@ -12,23 +12,20 @@
 # Multi-GPU extraction: NPROC=4 (torchrun). CPU: DEVICE=cpu. Any two models: MODEL1_ARGS / MODEL2_ARGS hold the
 # extract_embeddings.py model flags (e.g. MODEL2_ARGS="--resume other_best_ckpt.pth").
 # Interpreter: PYTHON=/path/to/venv/bin/python (default: python on PATH); it must import torch.
-# Embeddings already in EMB_DIR are reused. Results already in OUT_DIR are never replaced silently: the run
-# stops before any work unless --overwrite (or OVERWRITE=1) is given, which also extracts the embeddings again.
-#
-# Usage: bash run_backbone_comparison.sh [--overwrite] [--help]   (settings: the environment variables below)
+# Embeddings already in EMB_DIR are reused (REEXTRACT=1 extracts again). Results already in OUT_DIR are never
+# replaced silently: the script stops unless --overwrite (or OVERWRITE=1) is given.
+# Options: -h/--help (this text), --overwrite. Everything else is set through the environment variables below.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-    echo "Settings (environment variables, with their defaults):"
-    sed -n '/^# -* settings/,/^# -* the two models/p' "$0" | grep -E '^[A-Z0-9_]+=' | sed 's/^/    /'
-}
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; grep -E '^[A-Z_0-9]+=\$\{' "$0" | sed 's/^/    /'; }
+FORCE=0
 for arg in "$@"; do
     case "$arg" in
         -h|--help) usage; exit 0 ;;
-        --overwrite) OVERWRITE=1 ;;
-        *) echo "error: unknown argument '$arg'; run: bash $0 --help" >&2; exit 2 ;;
+        --overwrite) FORCE=1 ;;
+        *) echo "error: unknown option $arg (options: --help, --overwrite; settings go in environment variables)" >&2
+           exit 2 ;;
     esac
 done
 
@@ -48,7 +45,7 @@ OUT_DIR=${OUT_DIR:-results/backbone_comparison}
 EMB_DIR=${EMB_DIR:-$OUT_DIR/embeddings}
 BATCH_SIZE=${BATCH_SIZE:-32}
 CONCEPTCLIP_BATCH_SIZE=${CONCEPTCLIP_BATCH_SIZE:-8}
-WORKERS=${WORKERS:-}                            # empty -> extract_embeddings.py's default (at most the cores there are)
+WORKERS=${WORKERS:-}                            # empty -> the scripts' default (utils.default_workers: this machine's cores, at most 4)
 DEVICE=${DEVICE:-}                              # empty -> cuda when available, else cpu
 NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --nproc_per_node=NPROC
 K=${K:-5}
@@ -56,7 +53,29 @@ FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
 VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
 EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-0}
 SEED=${SEED:-0}
-OVERWRITE=${OVERWRITE:-0}
+TRAIN_LIST=${TRAIN_LIST:-}                      # training list for the learned fusion (demo: its train_split.txt)
+LEARNED_FUSION=${LEARNED_FUSION:-1}             # 0: skip train_fusion.py (needs TRAIN_LIST)
+FUSION_HEAD=${FUSION_HEAD:-mlp}                 # concat, mlp or gated
+FUSION_EPOCHS=${FUSION_EPOCHS:-10}
+OVERWRITE=${OVERWRITE:-0}                       # 1 = --overwrite: replace results already in OUT_DIR
+REEXTRACT=${REEXTRACT:-0}                       # 1: extract embeddings again even when EMB_DIR has them
+[[ "$FORCE" == 1 ]] && OVERWRITE=1
+
+# ----------------------------------------------------------------------------- checks before any work
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "error: the interpreter PYTHON=$PYTHON cannot import torch; point PYTHON at the environment where the" \
+         "requirements are installed, e.g. PYTHON=/path/to/venv/bin/python bash $0" >&2
+    exit 2
+fi
+EXISTING=()
+for f in backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png; do
+    [[ -e "$OUT_DIR/$f" ]] && EXISTING+=("$OUT_DIR/$f")
+done
+if [[ ${#EXISTING[@]} -gt 0 && "$OVERWRITE" != 1 ]]; then
+    echo "error: $OUT_DIR already holds results (${EXISTING[*]}); choose another OUT_DIR or pass --overwrite" \
+         "(OVERWRITE=1) to replace them" >&2
+    exit 2
+fi
 # demo only
 DEMO_DIR=${DEMO_DIR:-data/demo}
 DEMO_CKPT=${DEMO_CKPT:-}                        # empty -> newest checkpoints/demo/*/*_best_ckpt.pth, else train one
@@ -64,26 +83,6 @@ DEMO_EPOCHS=${DEMO_EPOCHS:-4}
 DEMO_SAVE_DIR=${DEMO_SAVE_DIR:-checkpoints/demo}
 
 # ----------------------------------------------------------------------------- the two models
-# the interpreter first: a venv that is not on PATH must be named, not silently replaced by the system python
-if ! command -v "$PYTHON" > /dev/null 2>&1; then
-    echo "error: PYTHON=$PYTHON not found; set PYTHON to the interpreter of your environment (e.g. PYTHON=.venv/bin/python)" >&2
-    exit 2
-fi
-if ! TORCH_ERR=$("$PYTHON" -c "import torch" 2>&1); then
-    echo "error: $PYTHON ($(command -v "$PYTHON")) cannot import torch: ${TORCH_ERR##*$'\n'}" >&2
-    echo "       set PYTHON to the interpreter where the requirements are installed (e.g. PYTHON=.venv/bin/python)" >&2
-    exit 2
-fi
-# results already there: refuse before any work (never replace a manual test_backbone.py run silently)
-EXISTING=()
-for f in backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png; do
-    [[ -e "$OUT_DIR/$f" ]] && EXISTING+=("$OUT_DIR/$f")
-done
-if [[ ${#EXISTING[@]} -gt 0 && "$OVERWRITE" != 1 ]]; then
-    echo "error: OUT_DIR=$OUT_DIR already holds results (${EXISTING[*]}); set another OUT_DIR, or pass --overwrite" \
-         "(or OVERWRITE=1) to replace them (the embeddings are then extracted again)" >&2
-    exit 2
-fi
 if [[ -z "$DATASET_DIR" ]]; then
     echo "== no DATASET_DIR set: running the demo on $DEMO_DIR (set DATASET_DIR, TEST_LIST, CONVNEXT_CKPT for real data)"
     if [[ ! -f "$DEMO_DIR/test_split.txt" ]]; then
@@ -91,6 +90,7 @@ if [[ -z "$DATASET_DIR" ]]; then
     fi
     DATASET_DIR=$DEMO_DIR
     TEST_LIST=${TEST_LIST:-$DEMO_DIR/test_split.txt}
+    TRAIN_LIST=${TRAIN_LIST:-$DEMO_DIR/train_split.txt}
     if [[ -z "$MODEL1_ARGS" ]]; then
         if [[ -z "$DEMO_CKPT" ]]; then
             DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
@@ -134,7 +134,7 @@ fi
 # ----------------------------------------------------------------------------- steps 1 and 2: embeddings
 mkdir -p "$EMB_DIR" "$OUT_DIR"
 if [[ "$NPROC" -gt 1 ]]; then
-    LAUNCH=("$PYTHON" -m torch.distributed.run --standalone "--nproc_per_node=$NPROC")  # torchrun of $PYTHON
+    LAUNCH=(torchrun --standalone "--nproc_per_node=$NPROC")
 else
     LAUNCH=("$PYTHON")
 fi
@@ -143,27 +143,48 @@ COMMON=(--dataset "$DATASET" --dataset-dir "$DATASET_DIR" --test-image-list "$TE
 [[ -n "$WORKERS" ]] && COMMON+=(--workers "$WORKERS")
 [[ -n "$TEST_DATASET_DIR" ]] && COMMON+=(--test-dataset-dir "$TEST_DATASET_DIR")
 [[ -n "$DEVICE" ]] && COMMON+=(--device "$DEVICE")
-[[ "$OVERWRITE" == 1 ]] && COMMON+=(--overwrite)
+[[ "$REEXTRACT" == 1 ]] && COMMON+=(--overwrite)
 
-extract() {  # extract NAME "MODEL FLAGS"
-    local out="$EMB_DIR/$1.npy" flags
+extract() {  # extract NAME "MODEL FLAGS" [extra flags: another list]
+    local out="$EMB_DIR/$1.npy" flags extra=("${@:3}")
     read -r -a flags <<< "$2"
-    if [[ -f "$out" && "$OVERWRITE" != 1 ]]; then
-        echo "== reusing $out (OVERWRITE=1 extracts again)"
+    if [[ -f "$out" && "$REEXTRACT" != 1 ]]; then
+        echo "== reusing $out (REEXTRACT=1 extracts again)"
         return
     fi
     echo "== extracting $1: ${flags[*]}"
-    "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" --output "$out"
+    "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" "${extra[@]}" --output "$out"
 }
 extract model1 "$MODEL1_ARGS"
 extract model2 "$MODEL2_ARGS"
+
+# ----------------------------------------------------------------------------- step 2b: learned fusion
+# trained on the TRAINING list's embeddings (epoch chosen on its patient-disjoint validation split), applied to
+# the test list's: the test list is never used for training or selection
+LEARNED=()
+if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
+    TRAIN_IMG_DIR=$DATASET_DIR
+    [[ -d "$DATASET_DIR/train" ]] && TRAIN_IMG_DIR=$DATASET_DIR/train
+    extract train_model1 "$MODEL1_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
+    extract train_model2 "$MODEL2_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
+    echo "== training the $FUSION_HEAD fusion head on the training list's embeddings"
+    FUSION_DIR=$OUT_DIR/fusion
+    FUSION_FLAGS=(--seed "$SEED")
+    [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
+    "$PYTHON" train_fusion.py --embeddings "$EMB_DIR/train_model1.npy" "$EMB_DIR/train_model2.npy" \
+        --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"
+    CKPT=$(ls -t "$FUSION_DIR"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
+    "$PYTHON" train_fusion.py --apply "$CKPT" --embeddings "$EMB_DIR/model1.npy" "$EMB_DIR/model2.npy" \
+        --output "$EMB_DIR/fused.npy" "${FUSION_FLAGS[@]}"
+    LEARNED=(--learned-embeddings "$EMB_DIR/fused.npy" --learned-name "Learned $FUSION_HEAD fusion")
+fi
 
 # ----------------------------------------------------------------------------- step 3: comparison
 read -r -a ALPHAS <<< "$FUSION_ALPHAS"
 CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
      --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
      --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
-     --seed "$SEED")
+     --seed "$SEED" "${LEARNED[@]}")
 [[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
 [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
 echo "== comparing $MODEL1_NAME and $MODEL2_NAME"

@@ -463,6 +463,10 @@ def run(args):
              **({} if query["patient_ids"] is None else {"patient_ids": query["patient_ids"]}),
              **({} if loo else {"gallery_embeddings": np.asarray(gal["embeddings"], np.float32),
                                 "gallery_labels": np.asarray(gal["labels"])}))
+    # per-query scores, for paired comparisons of two runs on the same queries (metrics.paired_comparison)
+    np.savez(save_dir / "per_query.npz", ap=ranking.ap, r1=ranking.relevant[:, 0].astype(np.float64),
+             image_ids=query["image_ids"] if query["image_ids"] is not None else np.arange(len(query["labels"])),
+             **({} if query["patient_ids"] is None else {"patient_ids": query["patient_ids"]}))
     if res["vote"]:
         vk = "5" if "5" in res["vote"] else next(iter(res["vote"]))
         cm_names = list(res["vote"][vk]["per_class"])

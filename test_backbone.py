@@ -41,38 +41,47 @@ import metrics
 from utils import ensure_writable_dir, print_args, save_json
 
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009)
+DEFAULT_CLASS_NAMES = dataset.class_names("covid")  # normal, pneumonia, COVID-19 for labels 0, 1, 2
 RESULT_FILES = ("backbone_comparison_results.npz", "backbone_comparison_results.json", "overlap_histogram.png")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings",
+    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
                    help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
     p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
                    help="N x D2 .npy of model 2, same images in the same order (old name --conceptclip-embeddings)")
-    p.add_argument("--model1-name", default="ConvNeXtV2", help="name of model 1 in the table, plots and results")
-    p.add_argument("--model2-name", default="ConceptCLIP", help="name of model 2 in the table, plots and results")
+    p.add_argument("--model1-name", default="ConvNeXtV2", help="name of model 1 in the table, json and figures")
+    p.add_argument("--model2-name", default="ConceptCLIP", help="name of model 2 in the table, json and figures")
     p.add_argument("--labels", default=None, help="N int labels (.npy); default: X_labels.npy beside model 1")
     p.add_argument("--image-ids", default=None, help="N image ids (.npy); default: X_image_ids.npy beside each file")
     p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); default: X_patient_ids.npy beside model 1")
     p.add_argument("--image-dir", default=None, help="folder of the images, for the query visualisations")
     p.add_argument("--image-list", default=None,
                    help="optional list file (patient_id filename label ...) mapping image ids to file names")
-    p.add_argument("--save-dir", default="./results/backbone_comparison",
-                   help="folder for the results (created; existing results are kept unless --overwrite)")
-    p.add_argument("--k", type=int, default=5, help="length of the top-k lists (overlap@k, mAP@k, fusion mAP@k)")
+    p.add_argument("--save-dir", "--output-dir", dest="save_dir", default="./results/backbone_comparison",
+                   help="folder for the results and figures (old name --output-dir)")
+    p.add_argument("--k", type=int, default=5, help="length of the top-k lists (mAP@k, overlap@k)")
     p.add_argument("--visualize-samples", type=int, default=5, help="number of query_{idx}_comparison.png (0: none)")
     p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="weights of model 1 in alpha * sim1 + (1 - alpha) * sim2")
     p.add_argument("--class-names", nargs="+", default=None,
-                   help="names of labels 0, 1, ... for files without X_meta.json (default: the names in the "
-                        "X_meta.json files, else the integer ids themselves)")
+                   help="names of labels 0, 1, ... (default: X_meta.json beside model 1, else normal pneumonia COVID-19)")
     p.add_argument("--exclude-same-patient", action="store_true",
                    help="also remove other images of the query's patient from the gallery")
-    p.add_argument("--seed", type=int, default=0, help="seeds the held-out split and the visualised queries")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the held-out split, the visualised queries, the bootstrap and the permutations")
     p.add_argument("--chunk-size", type=int, default=512, help="query rows per block; memory grows with it, not N^2")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --save-dir")
+    p.add_argument("--learned-embeddings", "--fused-embeddings", dest="learned_embeddings", default=None,
+                   help="N x D .npy of the same images from a learned fusion head (train_fusion.py --apply); "
+                        "adds its row and its paired comparisons")
+    p.add_argument("--learned-name", default="Learned fusion", help="name of the --learned-embeddings row")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="paired bootstrap resamples for the 95%% CI of each difference (0: no CI)")
+    p.add_argument("--permutations", type=int, default=1000,
+                   help="sign flips of the paired permutation test (0: no p-value)")
     p.add_argument("--hierarchy", default=None,
                    help="class tree ('child parent' lines, leaves = class names) for AHD@k, MS@k, hP@k per model, "
                         "e.g. data/ontology/covidx_hierarchy.txt (default: not computed)")
@@ -134,26 +143,24 @@ def load_inputs(args):
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels file {label_path}: expected integer labels, got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
-    # Class identity travels with the files (X_meta.json): model 2's label ids are compared with model 1's by
-    # class NAME, since two extractions of a generic list may number the same classes differently.
-    names1, names2 = dataset.read_class_names(p1), dataset.read_class_names(p2)
     other_labels = _sibling(p2, "labels")
+    # Class identity travels with each file (X_meta.json): model 2's ids are matched to model 1's by name, as
+    # test.py does for a query and a gallery set extracted separately.
+    names1, names2 = dataset.read_class_names(p1), dataset.read_class_names(p2)
     if other_labels.is_file() and other_labels != label_path:
         l2 = _load(other_labels, "labels")
         if l2.shape != labels.shape:
-            raise ValueError(f"labels disagree: {label_path} and {other_labels} hold {labels.size} and {l2.size} "
-                             f"labels")
-        names, l1, l2 = dataset.align_class_names(names1, labels, names2, l2, p1, p2)
-        if (l2 != l1).any():
-            where = np.flatnonzero(l1 != l2)
-            show = (lambda v: names[v]) if names else (lambda v: int(v))
-            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {len(where)} of {n} "
-                             f"positions (first at row {where[0]}: {show(l1[where[0]])!r} vs {show(l2[where[0]])!r}"
-                             f"{', compared by class name' if names else ''})")
-        if names2 is not None and names1 is not None and names != names1:
-            raise ValueError(f"{p2} names classes that {p1} lacks ({[c for c in names if c not in names1]}); "
-                             f"both files must be of the same images")
-    args._class_names_found = names1 if names1 is not None else names2
+            raise ValueError(f"labels disagree: {label_path} holds {labels.size} labels, {other_labels} {l2.size}")
+        if args.labels is None:
+            names1, labels, l2 = dataset.align_class_names(names1, labels, names2, l2, p1, p2)
+        if (l2 != labels).any():
+            diff = int((l2 != labels).sum())
+            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {diff} of {n} positions"
+                             + (" (compared by class name)" if names1 is not None else ""))
+    elif names1 is not None and names2 is not None and names1 != names2:
+        raise ValueError(f"class names differ: {p1} has {names1}, {p2} has {names2}, and {p2} has no labels file "
+                         f"to match them by name")
+    args._class_names_from_meta = names1
 
     # Every id file that exists must agree with every other, position by position.
     id_files = [Path(args.image_ids)] if args.image_ids else []
@@ -187,7 +194,59 @@ def load_inputs(args):
     return e1, e2, labels, image_ids, patient_ids
 
 
+def load_learned(args, image_ids, n):
+    """The learned-fusion embeddings of the same images (ids checked when both files have them), unit rows."""
+    path = Path(args.learned_embeddings)
+    e = _load(path, "--learned-embeddings")
+    if e.ndim != 2 or len(e) != n:
+        raise ValueError(f"--learned-embeddings {path}: shape {e.shape}, expected {n} rows like the model files")
+    ids_file = _sibling(path, "image_ids")
+    if ids_file.is_file():
+        ids = _load(ids_file, "image ids").astype(str)
+        if ids.shape != image_ids.shape or (ids != image_ids).any():
+            raise ValueError(f"--learned-embeddings {path}: its image ids ({ids_file}) are not those of the model "
+                             f"files in the same order; apply the fusion head to the same embedding files")
+    return _normalise(e, path)
+
+
+def single_model_scores(e, labels, k, patient_ids=None, chunk_size=512):
+    """Leave-one-out AP@k and R@1 per query of one embedding set (self and, given patient ids, the query's
+    patient excluded), with metrics.py's top-k and tie rule, as compare_embeddings does for each model."""
+    n = len(labels)
+    t = torch.from_numpy(np.ascontiguousarray(e))
+    lab = np.asarray(labels, dtype=np.int64)
+    pid = None if patient_ids is None else np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1]
+    ap, r1 = np.empty(n), np.empty(n)
+    for r0 in range(0, n, chunk_size):
+        rows = np.arange(r0, min(n, r0 + chunk_size))
+        with torch.no_grad():
+            sim = (t[rows] @ t.T).numpy()
+        exclude = np.zeros(sim.shape, bool)
+        exclude[np.arange(len(rows)), rows] = True
+        if pid is not None:
+            exclude |= pid[rows][:, None] == pid[None, :]
+        idx = metrics.topk_from_similarity(sim, k, exclude_mask=exclude)
+        rel = lab[idx] == lab[rows][:, None]
+        ap[rows], r1[rows] = metrics.map_at_k(rel, k), metrics.recall_at_k(rel, 1)
+    return ap, r1
+
+
+def print_paired(pairs, key, num_queries, grouped):
+    """The paired differences (a - b) with their CI and p; '*' where the 95% CI excludes 0."""
+    if not pairs:
+        return
+    w = max(len(f"{x['a']} - {x['b']}") for x in pairs) + 2
+    print(f"\npaired differences of {key} on the same {num_queries} held-out queries (bootstrap 95% CI and "
+          f"permutation p over {'patients' if grouped else 'queries'}; * = CI excludes 0)")
+    for x in pairs:
+        lo, hi = x["ci"]
+        print(f"{x['a'] + ' - ' + x['b']:<{w}}{x['diff']:+9.4f}  [{lo:+.4f}, {hi:+.4f}]  p={x['p']:.4f}"
+              + ("  *" if x["significant"] else ""))
+
+
 def check_args(args, n, labels, patient_ids=None):
+    if args.bootstrap < 0 or args.permutations < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap} / --permutations {args.permutations}: must be >= 0")
     if args.k < 1 or args.k > n - 1:
         raise ValueError(f"--k {args.k}: must be between 1 and N - 1 = {n - 1} (the gallery of every query)")
     if args.exclude_same_patient:
@@ -198,13 +257,12 @@ def check_args(args, n, labels, patient_ids=None):
     bad = [a for a in args.fusion_alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise ValueError(f"--fusion-alphas {bad}: each alpha must lie in [0, 1]")
-    found = getattr(args, "_class_names_found", None)
-    if found is not None and args.class_names is not None and list(args.class_names) != found:
-        raise ValueError(f"--class-names {args.class_names} differ from the class names in the _meta.json beside "
-                         f"{args.model1_embeddings} ({found}); drop the flag")
-    names = found or (list(args.class_names) if args.class_names else None)
-    if names is None:  # hand-made arrays: the integer ids are the names
-        names = [str(i) for i in range(int(labels.max()) + 1)]
+    names = args.class_names
+    if names is None:  # written by extract_embeddings.py (aligned across the two files by load_inputs)
+        names = getattr(args, "_class_names_from_meta", None)
+        if names is None:
+            names = dataset.read_class_names(args.model1_embeddings)
+    names = names or DEFAULT_CLASS_NAMES
     if labels.min() < 0 or labels.max() >= len(names):
         raise ValueError(f"labels range {labels.min()}..{labels.max()} but there are {len(names)} class names "
                          f"({names}); pass --class-names with one name per label")
@@ -370,49 +428,17 @@ def heldout_alpha(fusion_aps, alphas, seed):
 
 
 def interpret(mean_overlap, rho, best_fusion, map1, map2, k):
-    """One line. best_fusion, map1 and map2 must be scored on the same queries (main passes the held-out
-    half: alpha chosen on the other half)."""
     low, high = 0.6 * k, 0.8 * k
     if mean_overlap < low and rho < 0.6 and best_fusion > max(map1, map2):
         return (f"Fusion looks beneficial: the backbones retrieve different images (mean overlap@{k} "
-                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the held-out fusion ({best_fusion:.4f}) "
-                f"beats both models on the same held-out queries.")
+                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the best fusion ({best_fusion:.4f}) "
+                f"beats both models.")
     if mean_overlap > high and rho > 0.8:
         return (f"Fusion is not beneficial: the backbones retrieve nearly the same images (mean overlap@{k} "
                 f"{mean_overlap:.2f} > {high:g}, rho {rho:.2f} > 0.8).")
     beats = "beats" if best_fusion > max(map1, map2) else "does not beat"
-    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the held-out fusion "
-            f"({best_fusion:.4f}) {beats} the better model on the same queries ({max(map1, map2):.4f}).")
-
-
-def print_summary(names, k, n, r, maps, fulls, no_rel, fusion_maps, zscore_maps, rrf_map, alphas, held, pair):
-    """Three tables, each over one set of queries, so no row is compared with a row scored on other queries;
-    the pair statistics (overlap, rho) describe the two models together and are printed apart."""
-    key = f"mAP@{k}"
-    h_alpha, h_map, ev1, ev2, ev_rrf, n_sel, n_ev = held
-    mean_overlap, pct_low, mean_rho, std_rho = pair
-    rows = [f"Fusion alpha={a:g}" for a in alphas] + [f"Z-score fusion alpha={a:g}" for a in alphas]
-    w = max(len(x) for x in rows + list(names) + [f"Fusion alpha={h_alpha:g} (held-out)", f"RRF (k={RRF_K})"]) + 2
-
-    def table(title, body, cols):
-        print(f"\n{title}")
-        print(f"{'':<{w}}" + "".join(f"| {c:>8} " for c in cols))
-        print("-" * (w + 11 * len(cols)))
-        for name, vals in body:
-            print(f"{name:<{w}}" + "".join(f"| {v:>8.4f} " for v in vals))
-
-    table(f"per model, all {n} queries" + (f" ({no_rel} without any relevant image left out of mAP)" if no_rel else ""),
-          [(names[0], (maps[0], r["r1_1"].mean(), fulls[0])), (names[1], (maps[1], r["r1_2"].mean(), fulls[1]))],
-          (key, "R@1", "mAP"))
-    table(f"fusion, all {n} queries (alpha picked on these same queries would be optimistic; see held-out below)",
-          [(f"Fusion alpha={a:g}", (m,)) for a, m in zip(alphas, fusion_maps)]
-          + [(f"Z-score fusion alpha={a:g}", (m,)) for a, m in zip(alphas, zscore_maps)]
-          + [(f"RRF (k={RRF_K})", (rrf_map,))], (key,))
-    table(f"held-out: alpha chosen on {n_sel} queries, every row scored on the other {n_ev}",
-          [(names[0], (ev1,)), (names[1], (ev2,)), (f"Fusion alpha={h_alpha:g} (held-out)", (h_map,)),
-           (f"RRF (k={RRF_K})", (ev_rrf,))], (key,))
-    print(f"\npair statistics ({names[0]} vs {names[1]}, all {n} queries): Mean Overlap@{k} {mean_overlap:.2f} of "
-          f"{k}; {100 * pct_low:.1f}% of queries share <= {k // 2}; Spearman rho {mean_rho:.3f} (std {std_rho:.3f})")
+    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the best fusion "
+            f"({best_fusion:.4f}) {beats} the better model ({max(map1, map2):.4f}); check the held-out alpha.")
 
 
 # ----------------------------------------------------------------------------- plots
@@ -434,19 +460,20 @@ def plot_overlap_histogram(overlaps, k, names, path):
 
 
 def choose_queries(overlaps, num, seed):
-    """[(query, case)]: the lowest-, a median- and the highest-overlap query (seeded among equals), then random
-    distinct ones; case says which, for the figure's title."""
+    """A low-, a medium- and a high-overlap query (seeded among equals), then random distinct ones.
+
+    Returns [(query index, case)] with case "low overlap", "medium overlap", "high overlap" or "random"."""
     rng = np.random.default_rng(seed)
-    picks = []
-    for case, target in (("lowest overlap", overlaps.min()), ("median overlap", np.median(overlaps)),
-                         ("highest overlap", overlaps.max())):
+    picks, cases = [], []
+    for target, case in ((overlaps.min(), "low overlap"), (np.median(overlaps), "medium overlap"),
+                         (overlaps.max(), "high overlap")):
         dist = np.abs(overlaps - target)
-        cands = [i for i in np.flatnonzero(dist == dist.min()) if i not in [p for p, _ in picks]]
+        cands = [i for i in np.flatnonzero(dist == dist.min()) if i not in picks]
         if cands and len(picks) < num:
-            picks.append((int(rng.choice(cands)), case))
-    taken = {p for p, _ in picks}
-    rest = [int(i) for i in rng.permutation(len(overlaps)) if int(i) not in taken]
-    return picks + [(i, "random query") for i in rest[: max(num - len(picks), 0)]]
+            picks.append(int(rng.choice(cands)))
+            cases.append(case)
+    rest = [int(i) for i in rng.permutation(len(overlaps)) if i not in picks][: max(num - len(picks), 0)]
+    return list(zip(picks, cases)) + [(i, "random") for i in rest]
 
 
 def _image_finder(image_dir, image_list):
@@ -491,10 +518,12 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         for s in ax.spines.values():
             s.set_edgecolor(colour), s.set_linewidth(3)
 
-    fig, axes = plt.subplots(3, k, figsize=(2.4 * k, 7.8), squeeze=False)
+    fig, axes = plt.subplots(3, k, figsize=(2.2 * k, 7.2), squeeze=False)
     for ax in axes[0, 1:]:
         ax.axis("off")
     show(axes[0, 0], q, f"query {q}: {class_names[labels[q]]}\n{image_ids[q]}", "black")
+    fig.suptitle(f"{case} case: query {q} ({image_ids[q]}), {overlap} of {k} shared; {names[0]} vs {names[1]}"
+                 if case else f"query {q} ({image_ids[q]}): {names[0]} vs {names[1]}", fontsize=10)
     if k > 1:
         axes[0, 1].text(0, 0.5, f"{overlap} of the two top-{k} lists shared\ngreen: same class as the query, red: not",
                         fontsize=9, va="center", transform=axes[0, 1].transAxes)
@@ -502,10 +531,8 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         sims = emb[top[q]] @ emb[q]
         for j, g in enumerate(top[q]):
             ok = labels[g] == labels[q]
-            show(axes[r, j], g, f"{name} #{j + 1}\n{image_ids[g]}\n{class_names[labels[g]]}  cos {sims[j]:.4f}",
+            show(axes[r, j], g, f"{name} #{j + 1}: {image_ids[g]}\n{class_names[labels[g]]} {sims[j]:.4f}",
                  "green" if ok else "red")
-    fig.suptitle(f"{case}: query {image_ids[q]} (row {q}), {overlap} of {k} results shared by {names[0]} and "
-                 f"{names[1]}" if case else f"query {image_ids[q]} (row {q})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -518,6 +545,7 @@ def main(args):
     e1, e2, labels, image_ids, patient_ids = load_inputs(args)
     n, k = len(labels), args.k
     class_names = check_args(args, n, labels, patient_ids)
+    e_learned = load_learned(args, image_ids, n) if args.learned_embeddings else None
     hierarchy = metrics.load_hierarchy(args.hierarchy, class_names) if args.hierarchy else None
     save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
     existing = [str(save_dir / f) for f in RESULT_FILES if (save_dir / f).exists()]
@@ -550,10 +578,43 @@ def main(args):
     print(f"computed in {time.time() - t0:.1f} s")
 
     key = f"mAP@{k}"
-    ev1, ev2, ev_rrf = (float(r[x][evaluate].mean()) for x in ("ap1", "ap2", "rrf"))
-    print_summary(names, k, n, r, (map1, map2), (full1, full2), no_rel, fusion_maps, zscore_maps, rrf_map, alphas,
-                  (h_alpha, h_map, ev1, ev2, ev_rrf, n - len(evaluate), len(evaluate)),
-                  (mean_overlap, pct_low, mean_rho, std_rho))
+    # 1. per-model rows, all N queries
+    rows = [(names[0], map1, r["r1_1"].mean(), full1), (names[1], map2, r["r1_2"].mean(), full2)]
+    learned = None
+    if args.learned_embeddings:
+        learned = single_model_scores(e_learned, labels, k, patient_ids if args.exclude_same_patient else None,
+                                      args.chunk_size)
+        rows.append((args.learned_name, float(learned[0].mean()), learned[1].mean(), None))
+    w = max(len(x[0]) for x in rows + [(f"Z-score fusion alpha={alphas[0]:g}",)] + [(f"RRF (k={RRF_K})",)]) + 2
+    print(f"\nall {n} queries (fusion alphas here are not chosen on separate queries: optimistic)")
+    print(f"{'Model':<{w}}| {key:>8} | {'R@1':>8} | {'mAP':>8}")
+    print("-" * (w + 33))
+    for name, m, r1, full in rows:
+        print(f"{name:<{w}}| {m:>8.4f} | {r1:>8.4f} | " + ("       -" if full is None else f"{full:>8.4f}"))
+    for a, m in zip(alphas, fusion_maps):
+        print(f"{f'Fusion alpha={a:g}':<{w}}| {m:>8.4f} | {'-':>8} | {'-':>8}")
+    for a, m in zip(alphas, zscore_maps):
+        print(f"{f'Z-score fusion alpha={a:g}':<{w}}| {m:>8.4f} | {'-':>8} | {'-':>8}")
+    print(f"{f'RRF (k={RRF_K})':<{w}}| {rrf_map:>8.4f} | {'-':>8} | {'-':>8}")
+    if no_rel:
+        print(f"({no_rel} queries without any relevant image left out of mAP)")
+    # 2. pair statistics: one value per pair of models, not per model
+    print(f"\npair {names[0]} / {names[1]}: Mean Overlap@{k} {mean_overlap:.2f}, {100 * pct_low:.1f}% of queries "
+          f"share <= {k // 2} of their top-{k}; Spearman rho {mean_rho:.3f} (std {std_rho:.3f})")
+    # 3. held-out: alpha chosen on one half, every method scored on the other half, the same queries
+    scores = {names[0]: r["ap1"][evaluate], names[1]: r["ap2"][evaluate],
+              f"Held-out alpha={h_alpha:g}": r["fusion"][alphas.index(h_alpha)][evaluate],
+              f"RRF (k={RRF_K})": r["rrf"][evaluate]}
+    if learned is not None:
+        scores[args.learned_name] = learned[0][evaluate]
+    groups = patient_ids[evaluate] if patient_ids is not None else None
+    pairs = metrics.paired_comparison(scores, groups, args.bootstrap, args.permutations, args.seed)
+    print(f"\nheld-out: alpha chosen on {n - len(evaluate)} queries; every row below on the other {len(evaluate)}")
+    print(f"{'Method':<{w}}| {key:>8}")
+    print("-" * (w + 11))
+    for name, v in scores.items():
+        print(f"{name:<{w}}| {v.mean():>8.4f}")
+    print_paired(pairs, key, len(evaluate), groups is not None)
     hier = {}
     if hierarchy is not None:  # on each model's top-k lists (metrics.py tie rule and exclusions)
         for key, name in (("top1", names[0]), ("top2", names[1])):
@@ -562,13 +623,15 @@ def main(args):
             print(f"{name}: AHD@{k} {h[f'AHD@{k}']:.4f}  MS@{k} "
                   + ("n/a" if h[f"MS@{k}"] is None else f"{h[f'MS@{k}']:.4f}") + f"  hP@{k} {h[f'hP@{k}']:.4f}"
                   + f"  (hierarchy {args.hierarchy}, H = {hierarchy.H:g})")
-    # judged on the held-out queries: a fusion weight picked on the queries it is scored on flatters fusion
-    print(interpret(mean_overlap, mean_rho, h_map, ev1, ev2, k))
+    best_fusion = float(max(fusion_maps.max(), zscore_maps.max(), rrf_map))
+    print(interpret(mean_overlap, mean_rho, best_fusion, map1, map2, k))
 
     np.savez(save_dir / RESULT_FILES[0], model1_name=names[0], model2_name=names[1], model1_map=map1,
              model2_map=map2, overlaps=overlaps, mean_overlap=mean_overlap, correlations=rho,
              mean_spearman=mean_rho, std_spearman=std_rho, fusion_alphas=np.array(alphas),
-             fusion_maps=fusion_maps, aps_model1=r["ap1"], aps_model2=r["ap2"])
+             fusion_maps=fusion_maps, aps_model1=r["ap1"], aps_model2=r["ap2"], r1_model1=r["r1_1"],
+             r1_model2=r["r1_2"], aps_rrf=r["rrf"], aps_fusion=r["fusion"], heldout_eval_indices=evaluate,
+             **({} if learned is None else {"aps_learned": learned[0], "r1_learned": learned[1]}))
     save_json({
         "k": k, "num_queries": n,
         "model1": {"name": names[0], key: map1, "R@1": float(r["r1_1"].mean()), "mAP": full1,
@@ -580,8 +643,12 @@ def main(args):
         "fusion": [{"alpha": a, key: float(m)} for a, m in zip(alphas, fusion_maps)],
         "fusion_zscore": [{"alpha": a, key: float(m)} for a, m in zip(alphas, zscore_maps)],
         "rrf": {key: rrf_map},
-        "heldout": {"alpha": h_alpha, key: h_map, "num_select": n - len(evaluate), "num_eval": len(evaluate),
-                    "model1": {key: ev1}, "model2": {key: ev2}, "rrf": {key: ev_rrf}},
+        "heldout": {"alpha": h_alpha, key: h_map},
+        **({} if learned is None else {"learned": {"name": args.learned_name, key: float(learned[0].mean()),
+                                                   "R@1": float(learned[1].mean())}}),
+        "paired": {"queries": len(evaluate), "resampled": "patients" if groups is not None else "queries",
+                   "bootstrap": args.bootstrap, "permutations": args.permutations, "seed": args.seed,
+                   key: {name: float(v.mean()) for name, v in scores.items()}, "pairs": pairs},
     }, save_dir / RESULT_FILES[1])
     plot_overlap_histogram(overlaps, k, names, save_dir / RESULT_FILES[2])
 
@@ -594,6 +661,7 @@ def main(args):
         for q, case in choose_queries(overlaps, min(args.visualize_samples, n), args.seed):
             plot_query(q, e1, e2, r["top1"], r["top2"], labels, image_ids, class_names, names, find, k,
                        int(overlaps[q]), save_dir / f"query_{q}_comparison.png", case)
+            print(f"query_{q}_comparison.png: {case} case, image {image_ids[q]}, overlap {int(overlaps[q])} of {k}")
     print(f"\nresults in {save_dir}/: {', '.join(RESULT_FILES)}"
           + (", query_*_comparison.png" if args.visualize_samples > 0 else ""))
     return 0

@@ -161,17 +161,18 @@ def test_main_writes_exact_keys_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     res = json.loads((out / "backbone_comparison_results.json").read_text())
     assert list(res) == ["k", "num_queries", "model1", "model2", "mean_overlap", "pct_low_overlap", "mean_spearman",
-                         "std_spearman", "fusion", "fusion_zscore", "rrf", "heldout"]
+                         "std_spearman", "fusion", "fusion_zscore", "rrf", "heldout", "paired"]
     assert list(res["model1"]) == ["name", "mAP@5", "R@1", "mAP"] and res["model1"]["name"] == "A"
     assert [list(f) for f in res["fusion"]] == [["alpha", "mAP@5"]] * 3
     assert [f["alpha"] for f in res["fusion_zscore"]] == [0.3, 0.5, 0.7]
-    assert list(res["rrf"]) == ["mAP@5"]
-    assert list(res["heldout"]) == ["alpha", "mAP@5", "num_select", "num_eval", "model1", "model2", "rrf"]
+    assert list(res["rrf"]) == ["mAP@5"] and list(res["heldout"]) == ["alpha", "mAP@5"]
     assert res["num_queries"] == 30 and 0 <= res["pct_low_overlap"] <= 1 and 0 <= res["mean_overlap"] <= 5
     with np.load(out / "backbone_comparison_results.npz") as z:
         assert sorted(z.files) == sorted(["model1_name", "model2_name", "model1_map", "model2_map", "overlaps",
                                           "mean_overlap", "correlations", "mean_spearman", "std_spearman",
-                                          "fusion_alphas", "fusion_maps", "aps_model1", "aps_model2"])
+                                          "fusion_alphas", "fusion_maps", "aps_model1", "aps_model2",
+                                          "r1_model1", "r1_model2", "aps_rrf", "aps_fusion",
+                                          "heldout_eval_indices"])
         assert z["overlaps"].shape == (30,) and z["aps_model1"].mean() == pytest.approx(res["model1"]["mAP@5"])
     assert (out / "overlap_histogram.png").stat().st_size > 0
     assert len(list(out.glob("query_*_comparison.png"))) == 4
@@ -231,87 +232,73 @@ def test_missing_labels_and_bad_k(tmp_path):
         tb.check_args(args_for(tmp_path, "x", "y", "--k", "30"), 30, labels)
 
 
-def write_meta(folder, name, class_names):
-    (folder / f"{name}_meta.json").write_text(json.dumps({"class_names": class_names}))
+# ----------------------------------------------------------------------------- issue 10 items 1, 11, 19, 22
+
+def write_meta(path, names):
+    from pathlib import Path
+    Path(path).with_name(Path(path).stem + "_meta.json").write_text(json.dumps({"class_names": names}))
 
 
-def test_labels_of_the_two_files_are_matched_by_class_name(tmp_path):
+def test_labels_aligned_by_class_name(tmp_path):
+    # the same images, extracted separately with different class orders: ids differ, names agree
     e1, e2, labels = random_sets()
-    # model 2 was extracted from a generic list whose classes got another numbering: same classes, other ids
-    order2 = ["c", "a", "b"]
-    labels2 = np.array([order2.index("abc"[v]) for v in labels])
-    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels2)
-    write_meta(tmp_path, "m1", ["a", "b", "c"]), write_meta(tmp_path, "m2", order2)
+    names1 = ["a", "b", "c"]
+    names2 = ["c", "a", "b"]              # model 2's id of class "a" is 1, "b" 2, "c" 0
+    l2 = np.array([names2.index(names1[x]) for x in labels])
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, l2)
+    write_meta(a, names1), write_meta(b, names2)
     args = args_for(tmp_path, a, b)
-    _, _, got, _, _ = tb.load_inputs(args)
-    assert got.tolist() == labels.tolist()
-    assert tb.check_args(args, 30, got) == ["a", "b", "c"]
-    # a real disagreement is reported by name
-    bad = labels2.copy()
-    bad[4] = (bad[4] + 1) % 3
-    np.save(tmp_path / "m2_labels.npy", bad)
-    with pytest.raises(ValueError, match=r"differ at 1 of 30 positions \(first at row 4: .*compared by class name"):
-        tb.load_inputs(args_for(tmp_path, a, b))
-    # names on one side only: ids cannot be matched, both files named
-    np.save(tmp_path / "m2_labels.npy", labels2)
-    (tmp_path / "m2_meta.json").unlink()
-    with pytest.raises(ValueError, match=r"m1\.npy carries class names .* but .*m2\.npy has none"):
+    _, _, lab, _, _ = tb.load_inputs(args)
+    assert lab.tolist() == labels.tolist()
+    assert tb.check_args(args, 30, lab) == names1
+    # ids equal but names differ: the same id means different classes -> refused
+    write_meta(b, ["b", "a", "c"])
+    with pytest.raises(ValueError, match="compared by class name"):
         tb.load_inputs(args_for(tmp_path, a, b))
 
 
-def test_files_without_meta_keep_integer_ids_as_names(tmp_path):
+def test_names_on_one_file_only_is_an_error_naming_both(tmp_path):
     e1, e2, labels = random_sets()
     a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
-    args = args_for(tmp_path, a, b)
-    _, _, got, _, _ = tb.load_inputs(args)
-    assert tb.check_args(args, 30, got) == ["0", "1", "2"]
-    write_meta(tmp_path, "m1", ["a", "b", "c"])
-    write_meta(tmp_path, "m2", ["a", "b", "c"])
-    args = args_for(tmp_path, a, b, "--class-names", "x", "y", "z")
-    tb.load_inputs(args)
-    with pytest.raises(ValueError, match="--class-names .* differ"):
-        tb.check_args(args, 30, got)
+    write_meta(a, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"m1\.npy carries class names.*m2\.npy has none"):
+        tb.load_inputs(args_for(tmp_path, a, b))
 
 
-def test_table_prints_pair_statistics_apart_and_heldout_rows_on_the_same_queries(tmp_path, capsys):
-    e1, e2, labels = random_sets()
-    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
-    assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--model1-name", "A",
-                            "--model2-name", "B", "--seed", "3")) == 0
-    text = capsys.readouterr().out
-    res = json.loads((tmp_path / "out" / "backbone_comparison_results.json").read_text())
-    with np.load(tmp_path / "out" / "backbone_comparison_results.npz") as z:
-        ap1, ap2 = z["aps_model1"], z["aps_model2"]
-    # the held-out half, recomputed by hand from the seeded split: every held-out row is scored on it
-    evaluate = np.sort(np.random.default_rng(3).permutation(30)[15:])
-    h = res["heldout"]
-    assert (h["num_select"], h["num_eval"]) == (15, 15)
-    assert h["model1"]["mAP@5"] == pytest.approx(ap1[evaluate].mean())
-    assert h["model2"]["mAP@5"] == pytest.approx(ap2[evaluate].mean())
-    held = text[text.index("held-out: alpha chosen on 15 queries, every row scored on the other 15"):]
-    assert f"{ap1[evaluate].mean():.4f}" in held.split("pair statistics")[0]
-    # model rows carry no pair values; the pair statistics are one line of their own
-    model_rows = [ln for ln in text.splitlines() if ln.startswith(("A ", "B "))]
-    # (mAP@5, R@1, mAP) on all queries, then mAP@5 on the held-out half: no overlap or rho column
-    assert [ln.count("|") for ln in model_rows] == [3, 3, 1, 1]
-    pair = [ln for ln in text.splitlines() if ln.startswith("pair statistics")]
-    assert len(pair) == 1 and f"Mean Overlap@5 {res['mean_overlap']:.2f}" in pair[0]
-    assert f"Spearman rho {res['mean_spearman']:.3f}" in pair[0]
-    assert not any("Spearman" in ln for ln in model_rows)
-
-
-def test_visualised_queries_name_their_case():
-    overlaps = np.array([3, 0, 5, 2, 5, 1])
-    picks = tb.choose_queries(overlaps, 5, seed=0)
-    assert picks[0] == (1, "lowest overlap")
-    assert picks[1][1] == "median overlap" and overlaps[picks[1][0]] in (2, 3)  # median 2.5: 2 and 3 are nearest
-    assert picks[2][1] == "highest overlap" and picks[2][0] in (2, 4)
-    assert [c for _, c in picks[3:]] == ["random query"] * 2
-    assert len({q for q, _ in picks}) == 5
-
-
-def test_help_shows_defaults_and_documents_every_flag():
+def test_help_shows_defaults_and_every_flag_has_help():
     p = tb.get_args_parser()
-    undocumented = [a.option_strings for a in p._actions if a.option_strings and not a.help]
-    assert undocumented == []
+    assert p.formatter_class is __import__("argparse").ArgumentDefaultsHelpFormatter
+    missing = [a.option_strings for a in p._actions if not a.help]
+    assert missing == []
     assert "(default: 5)" in p.format_help()
+    assert p.parse_args(["--model1-embeddings", "a", "--model2-embeddings", "b", "--output-dir", "o"]).save_dir == "o"
+
+
+def test_choose_queries_names_the_cases():
+    overlaps = np.array([3, 0, 5, 2, 2, 1])
+    picks = tb.choose_queries(overlaps, 4, seed=0)
+    assert picks[:3] == [(1, "low overlap"), (picks[1][0], "medium overlap"), (2, "high overlap")]
+    assert overlaps[picks[1][0]] == 2 and picks[3][1] == "random"
+
+
+def test_table_separates_pair_stats_and_heldout_on_same_queries(tmp_path, capsys):
+    e1, e2, labels = random_sets()
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
+    assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--bootstrap", "200",
+                            "--permutations", "200")) == 0
+    text = capsys.readouterr().out
+    model_rows = [l for l in text.splitlines() if l.startswith(("ConvNeXtV2 ", "ConceptCLIP "))]
+    assert all("Overlap" not in l and "rho" not in l for l in model_rows)
+    assert "pair ConvNeXtV2 / ConceptCLIP: Mean Overlap@5" in text
+    out = tmp_path / "out"
+    res = json.loads((out / "backbone_comparison_results.json").read_text())
+    with np.load(out / "backbone_comparison_results.npz") as z:
+        ev = z["heldout_eval_indices"]
+        # the held-out rows are each model on the SAME held-out queries, not the full-set means
+        assert res["paired"][f"mAP@5"]["ConvNeXtV2"] == pytest.approx(z["aps_model1"][ev].mean())
+        assert res["paired"][f"mAP@5"]["ConceptCLIP"] == pytest.approx(z["aps_model2"][ev].mean())
+    assert res["paired"]["queries"] == len(ev) == 15
+    pair = res["paired"]["pairs"][0]
+    assert (pair["a"], pair["b"]) == ("ConvNeXtV2", "ConceptCLIP")
+    assert pair["diff"] == pytest.approx(res["paired"]["mAP@5"]["ConvNeXtV2"] - res["paired"]["mAP@5"]["ConceptCLIP"])
+    assert pair["significant"] == (pair["ci"][0] > 0 or pair["ci"][1] < 0)

@@ -1,0 +1,262 @@
+"""Learn a small fusion head on two or more frozen embedding sets of the same images, and apply it.
+
+Train (inputs written by extract_embeddings.py for the TRAINING list; rows matched by image id, so the files
+may be ordered differently; the checkpoint is chosen on a patient-disjoint validation split of these images,
+never on the test list):
+  python train_fusion.py --embeddings emb/train_convnext.npy emb/train_conceptclip.npy --head mlp \
+      --save-dir checkpoints/fusion --epochs 30
+Apply to the test list's embeddings of the same models (same order of --embeddings as in training); writes
+fused.npy and its _labels/_image_ids/_patient_ids/_meta files in the extract_embeddings.py layout, so test.py
+and test_backbone.py (--learned-embeddings) read it unchanged:
+  python train_fusion.py --apply checkpoints/fusion/RUN/RUN_best_ckpt.pth \
+      --embeddings emb/convnext.npy emb/conceptclip.npy --output emb/fused.npy
+Heads: concat (Linear over the normalised concatenation), mlp (Linear-LayerNorm-ReLU-Linear), gated (per-image
+softmax weights over the inputs' normalised, projected embeddings); model "fusion" of model.py's registry.
+Training: the toolkit's P x K sampler (dataset.PKSampler) and triplet loss (losses.TripletLoss), Adam.
+Outputs in --save-dir/RUN, RUN = fusion_{head}_embed_{dim}_seed_{seed}: args.json, log.jsonl,
+RUN_last_ckpt.pth, RUN_best_ckpt.pth (best validation mAP@10), in train.py's checkpoint format.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dataset
+import losses
+import metrics
+import model as M
+import utils
+
+SELECTION_METRIC = "mAP@10"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train or apply a fusion head on frozen embeddings",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--embeddings", nargs="+", required=True,
+                   help="two or more N x D_i .npy files of the same images (extract_embeddings.py layout)")
+    p.add_argument("--head", choices=M.FUSION_HEADS, default="mlp", help="fusion head (training)")
+    p.add_argument("--embedding-dim", type=int, default=128, help="output width of the head")
+    p.add_argument("--save-dir", type=Path, default=Path("checkpoints/fusion"), help="folder of the run folder")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs")
+    p.add_argument("-p", "--labels-per-batch", dest="p", type=int, default=None,
+                   help="classes per batch (default: all classes, at most 8)")
+    p.add_argument("-k", "--samples-per-label", dest="k", type=int, default=16, help="images per class per batch")
+    p.add_argument("--margin", type=float, default=0.2, help="triplet margin")
+    p.add_argument("--mining", choices=("batch_hard", "batch_all", "semihard"), default="batch_hard",
+                   help="triplet mining (losses.py)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="fraction of the training images (whole patients) held out to choose the epoch")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the sampler and the head's init")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the head is small: cpu is the default)")
+    p.add_argument("--apply", type=Path, default=None, metavar="CKPT",
+                   help="apply this fusion checkpoint to --embeddings and write --output")
+    p.add_argument("--output", type=Path, default=None, help="fused .npy written by --apply")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder / --output files")
+    return p
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _load(path, what, n=None):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} not found")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{what} {path} is not a plain .npy array ({e})") from e
+    if n is not None and len(a) != n:
+        raise ValueError(f"{what} {path} holds {len(a)} entries, its embeddings {n} rows")
+    return a
+
+
+def load_sets(paths):
+    """The embedding sets with rows in the FIRST file's order, matched by image id.
+
+    Returns (list of float32 (N, D_i) arrays, labels, image_ids, patient_ids or None, class_names or None).
+    Errors before any work: a single set, missing sidecars, different image ids or lengths, NaN rows.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise ValueError(f"--embeddings: give two or more embedding sets to fuse, got {len(paths)} ({paths[0]})")
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"--embeddings lists the same file twice: {[str(p) for p in paths]}")
+    sets = []
+    for p in paths:
+        e = _load(p, "--embeddings")
+        if e.ndim != 2:
+            raise ValueError(f"--embeddings {p}: expected a 2-D N x D array, got shape {e.shape}")
+        side = dataset.embedding_sidecars(p)
+        ids = _load(side["image_ids"], "image ids", len(e)).astype(str)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{side['image_ids']}: image ids repeat; rows cannot be matched by id")
+        bad = ~np.isfinite(e).all(1)
+        if bad.any():
+            raise ValueError(f"--embeddings {p}: {int(bad.sum())} of {len(e)} rows hold NaN/inf (first row "
+                             f"{int(np.flatnonzero(bad)[0])}, image {ids[np.flatnonzero(bad)[0]]}); re-extract them")
+        sets.append((p, e.astype(np.float32), ids, side))
+    p0, e0, ids0, side0 = sets[0]
+    labels = _load(side0["labels"], "labels", len(e0))
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{side0['labels']}: expected N integer labels, got {labels.dtype} {labels.shape}")
+    names = dataset.read_class_names(p0)
+    pids = _load(side0["patient_ids"], "patient ids", len(e0)).astype(str) if side0["patient_ids"].is_file() else None
+    out = [e0]
+    for p, e, ids, side in sets[1:]:
+        if len(e) != len(e0) or set(ids) != set(ids0):
+            only0, only1 = sorted(set(ids0) - set(ids))[:3], sorted(set(ids) - set(ids0))[:3]
+            raise ValueError(f"{p0} ({len(e0)} rows) and {p} ({len(e)} rows) are not of the same images "
+                             f"(only in the first: {only0}, only in the second: {only1}); extract both from "
+                             f"the same image list")
+        where = {v: i for i, v in enumerate(ids)}
+        order = np.array([where[v] for v in ids0])
+        if side["labels"].is_file():
+            lab = _load(side["labels"], "labels", len(e))[order]
+            _, a, b = dataset.align_class_names(names, labels, dataset.read_class_names(p), lab, p0, p)
+            if (a != b).any():
+                raise ValueError(f"labels of {p0} and {p} disagree on {int((a != b).sum())} images")
+        out.append(e[order])
+    return out, labels.astype(np.int64), ids0, pids, names
+
+
+def fuse_input(sets):
+    return np.concatenate(sets, axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def embed(head, x, device, batch=8192):
+    head.eval()
+    return torch.cat([head(torch.from_numpy(x[i:i + batch]).to(device)).cpu() for i in range(0, len(x), batch)]).numpy()
+
+
+def validation_map(head, x, labels, patient_ids, device):
+    """Leave-one-out mAP@10 on the validation images (metrics.knn_search and map_at_k: the toolkit's tie rule;
+    other images of the query's patient excluded), without the vote metrics evaluate() adds."""
+    cand, _ = metrics.candidate_counts(labels, query_groups=patient_ids, exclude_same_group=patient_ids is not None)
+    k = max(1, min(10, int(cand.min())))  # a tiny validation split (the demo) cannot fill a top-10
+    _, idx = metrics.knn_search(embed(head, x, device), None, k, exclude_self=True, query_groups=patient_ids)
+    return float(metrics.map_at_k(labels[idx] == labels[:, None], k).mean())
+
+
+def train(args):
+    sets, labels, ids, pids, names = load_sets(args.embeddings)
+    if args.epochs < 1 or args.k < 1 or args.embedding_dim < 1:
+        raise ValueError("--epochs, -k and --embedding-dim must be >= 1")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction {args.val_fraction}: must lie in (0, 1) (selection needs validation)")
+    groups = pids if pids is not None else ids  # no patient ids: each image its own patient
+    tr, va = dataset.patient_split(groups, labels, args.val_fraction, args.seed)
+    n_cls = len(np.unique(labels[tr]))
+    p = args.p if args.p is not None else min(n_cls, 8)
+    sampler = dataset.PKSampler(labels[tr], p, args.k, seed=args.seed)
+    dims = [s.shape[1] for s in sets]
+    stem = f"fusion_{args.head}_embed_{args.embedding_dim}_seed_{args.seed}"
+    utils.check_writable_dir(args.save_dir)
+    run_dir = Path(args.save_dir) / stem
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.overwrite:
+        raise ValueError(f"{run_dir} already holds a run; choose another --save-dir or pass --overwrite")
+    device = utils.get_device(args.device)
+
+    utils.set_seed(args.seed)
+    head = M.build_model("fusion", backbone=M.fusion_spec(args.head, dims), embedding_dim=args.embedding_dim,
+                         pretrained=False).to(device)
+    x = fuse_input(sets)
+    xt, yt = torch.from_numpy(x[tr]).to(device), torch.from_numpy(labels[tr]).to(device)
+    criterion = losses.TripletLoss(args.margin, args.mining)
+    opt = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    utils.save_json(dict(plain, input_dims=dims, train_images=len(tr), val_images=len(va)), run_dir / "args.json")
+    log = run_dir / "log.jsonl"
+    log.write_text("")
+    print(f"{len(ids)} images: {len(tr)} train / {len(va)} validation (patient-disjoint); inputs {dims} -> "
+          f"{args.head} head, {args.embedding_dim}-d; P x K = {p} x {args.k}, {len(sampler)} batches/epoch")
+    best, best_epoch, history = -1.0, None, []
+    t_start = time.time()
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        head.train()
+        total, nb = 0.0, 0
+        for batch in sampler:
+            b = torch.as_tensor(batch, device=device)
+            loss = criterion(head(xt[b]), yt[b])
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, nb = total + float(loss.detach()), nb + 1
+        val = validation_map(head, x[va], labels[va], None if pids is None else pids[va], device)
+        row = {"epoch": epoch, "loss": total / max(nb, 1), f"val_{SELECTION_METRIC}": val, "time_s": time.time() - t0}
+        improved = val >= best  # ties go to the later epoch, as train.py
+        if improved:
+            best, best_epoch = val, epoch
+        history.append(row)
+        state = M.make_checkpoint(head, optimizer=opt.state_dict(), epoch=epoch, best_metric=best,
+                                  best_epoch=best_epoch, selection_metric=f"val {SELECTION_METRIC}", args=plain,
+                                  history=history, class_names=names, fusion_inputs=[str(p) for p in args.embeddings])
+        utils.atomic_torch_save(state, run_dir / f"{stem}_last_ckpt.pth")
+        if improved:
+            utils.atomic_torch_save(state, run_dir / f"{stem}_best_ckpt.pth")
+        with open(log, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"epoch {epoch}/{args.epochs}  loss {row['loss']:.4f}  val {SELECTION_METRIC} {val:.4f}"
+              + ("  *best*" if improved else ""), flush=True)
+    print(f"trained in {time.time() - t_start:.1f} s; best val {SELECTION_METRIC} {best:.4f} at epoch {best_epoch}: "
+          f"{run_dir / (stem + '_best_ckpt.pth')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- apply
+
+def apply(args):
+    if args.output is None:
+        raise ValueError("--apply needs --output fused.npy")
+    out = dataset.embedding_sidecars(args.output)
+    out = {"embeddings": Path(args.output).with_suffix(".npy"), **out}
+    existing = [str(p) for p in out.values() if p.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--output {args.output}: {', '.join(existing)} exist; pass --overwrite to replace them")
+    try:
+        head, ckpt = M.load_checkpoint(args.apply, expected_model="fusion")
+    except M.CheckpointError as e:
+        raise ValueError(str(e)) from e
+    sets, labels, ids, pids, names = load_sets(args.embeddings)
+    dims = [s.shape[1] for s in sets]
+    if dims != head.input_dims:
+        raise ValueError(f"--apply {args.apply} was trained on inputs of widths {head.input_dims}, --embeddings "
+                         f"give {dims}; pass the same models' embeddings in the same order")
+    utils.check_writable_dir(out["embeddings"].parent, "--output")
+    out["embeddings"].parent.mkdir(parents=True, exist_ok=True)
+    fused = embed(head, fuse_input(sets), torch.device("cpu")).astype(np.float32)
+    utils.atomic_np_save(out["labels"], labels)
+    utils.atomic_np_save(out["image_ids"], np.asarray(ids, dtype=str))
+    if pids is not None:
+        utils.atomic_np_save(out["patient_ids"], pids)
+    utils.atomic_np_save(out["embeddings"], fused)
+    utils.save_json({"model_name": "fusion", "model_args": head.model_args, "checkpoint": str(args.apply),
+                     "epoch": ckpt.get("epoch"), "inputs": [str(p) for p in args.embeddings],
+                     "class_names": names, "seed": args.seed}, out["meta"])
+    print(f"wrote {out['embeddings']} {fused.shape} and its _labels/_image_ids/_patient_ids/_meta files")
+    return 0
+
+
+def main(args):
+    return apply(args) if args.apply is not None else train(args)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
