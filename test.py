@@ -88,6 +88,11 @@ def get_args_parser():
                         "hP@k (default for --dataset covid: data/ontology/covidx_hierarchy.txt; 'none': skip)")
     g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    g.add_argument("--compare-with", type=Path, nargs="+", default=None, metavar="RUN",
+                   help="earlier test.py runs (their --save-dir, or the per_query.npz in it) on the same queries: "
+                        "paired difference of AP and R@1 with a bootstrap 95%% CI (--bootstrap) and a permutation "
+                        "p-value (--permutations), patients resampled together when patient ids are known")
+    g.add_argument("--permutations", type=int, default=1000, help="sign-flip permutations of --compare-with")
     g = p.add_argument_group("out-of-distribution warning (ood.py)")
     g.add_argument("--ood-reference", type=Path, default=None,
                    help="archive embeddings TRAIN_EMB.npy (extract_embeddings.py layout): each query gets an OOD "
@@ -145,11 +150,62 @@ def check_args(args):
         raise ValueError(f"--k-values must be >= 1, got {args.k_values}")
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.permutations < 0:
+        raise ValueError(f"--permutations must be >= 0, got {args.permutations}")
     hierarchy_file(args, check=True)
+    for run in args.compare_with or ():
+        read_per_query(run)  # a missing or foreign file stops the run before any work
     results = Path(args.save_dir) / "results.json"
     if results.exists() and not args.overwrite:
         raise ValueError(f"{results} already exists; choose another --save-dir or pass --overwrite to replace it")
     check_writable_dir(args.save_dir)
+
+
+def read_per_query(run):
+    """The per_query.npz of an earlier test.py run (its folder or the file): {ap, r1, image_ids[, patient_ids]}."""
+    path = Path(run) / "per_query.npz" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"--compare-with {run}: no per_query.npz there (test.py writes it into its --save-dir)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            got = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--compare-with {path}: not a readable .npz file ({e})") from e
+    if not {"ap", "r1", "image_ids"} <= set(got):
+        raise ValueError(f"--compare-with {path}: expected the arrays ap, r1 and image_ids of test.py, got {sorted(got)}")
+    got["path"] = path
+    return got
+
+
+def paired_with_runs(args, ranking, query):
+    """Paired differences (this run minus each earlier run) of per-query AP and R@1, matched by image id."""
+    ids = np.asarray(query["image_ids"] if query["image_ids"] is not None else np.arange(len(query["labels"]))).astype(str)
+    this = {"ap": np.asarray(ranking.ap, np.float64), "r1": ranking.relevant[:, 0].astype(np.float64)}
+    groups = None if query["patient_ids"] is None else np.asarray(query["patient_ids"]).astype(str)
+    out = []
+    for run in args.compare_with:
+        other = read_per_query(run)
+        oid = other["image_ids"].astype(str)
+        if len(oid) != len(ids) or set(oid) != set(ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"--compare-with {other['path']}: its {len(oid)} queries are not the {len(ids)} queries of "
+                             f"this run (image ids differ); compare runs on the same query list")
+        pos = {v: i for i, v in enumerate(oid)}
+        order = np.array([pos[v] for v in ids])
+        row = {"run": str(other["path"])}
+        for key, name in (("ap", "AP"), ("r1", "R@1")):
+            a, b = this[key], np.asarray(other[key], np.float64)[order]
+            keep = np.isfinite(a) & np.isfinite(b)  # queries without any relevant image have no AP
+            cmp = metrics.paired_comparison({"this": a[keep], "other": b[keep]},
+                                            None if groups is None else groups[keep], n_boot=args.bootstrap,
+                                            n_perm=args.permutations, seed=args.seed)[0]
+            row[name] = {"diff": cmp["diff"], "ci": cmp["ci"], "p": cmp["p"], "significant": cmp["significant"],
+                         "num_queries": int(keep.sum())}
+        out.append(row)
+        print(f"paired vs {other['path']} (this - that, {row['AP']['num_queries']} queries"
+              + (", patients resampled together" if groups is not None else "") + "): "
+              + "  ".join(f"{n} {row[n]['diff']:+.4f} [{row[n]['ci'][0]:+.4f}, {row[n]['ci'][1]:+.4f}] "
+                          f"p={row[n]['p']:.4f}{' *' if row[n]['significant'] else ''}" for n in ("AP", "R@1")))
+    return out
 
 
 def fill_sidecars(args):
@@ -452,6 +508,8 @@ def run(args):
         res.update(hres)
     if ood_ref is not None:
         res["ood"] = ood_summary
+    if args.compare_with:
+        res["paired"] = paired_with_runs(args, ranking, query)
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))

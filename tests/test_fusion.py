@@ -207,3 +207,39 @@ def test_test_py_saves_per_query_ap_and_r1(tmp_path):
     with np.load(tmp_path / "out" / "per_query.npz") as z:
         assert z["r1"].tolist() == [1.0, 1.0, 0.0, 0.0] and z["image_ids"].tolist() == ["a", "b", "c", "d"]
         assert z["ap"][0] == pytest.approx(1.0) and np.isnan(z["ap"][2])  # query 2 has no relevant image
+
+
+def test_test_py_compares_runs_on_the_same_queries(tmp_path, capsys):
+    import test as test_script
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.7, 0.7], [0.6, 0.8]], np.float32)
+    y = np.array([0, 0, 1, 1, 0, 1])
+    f = write_set(tmp_path, "e", emb, y, ["a", "b", "c", "d", "e", "f"])
+
+    def run(out, *extra):
+        return test_script.main(test_script.get_args_parser().parse_args(
+            ["--embeddings", f, "--save-dir", str(tmp_path / out), "--k-values", "1", "--vote-k", "1",
+             "--bootstrap", "200", "--permutations", "200", *extra]))
+
+    assert run("a") == 0
+    # the same run again: difference 0, CI [0, 0], p = 1
+    assert run("b", "--compare-with", str(tmp_path / "a")) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    (row,) = res["paired"]
+    assert row["AP"]["diff"] == 0 and row["AP"]["ci"] == [0, 0] and row["AP"]["p"] == 1.0
+    assert not row["AP"]["significant"] and row["R@1"]["num_queries"] == 6
+    # a hand-made earlier run, stored in reversed query order, whose AP is lower by 0.25 on every query:
+    # matched by image id, the difference is +0.25 with a CI that excludes 0
+    with np.load(tmp_path / "a" / "per_query.npz") as z:
+        ap, r1, ids = z["ap"], z["r1"], z["image_ids"]
+    np.savez(tmp_path / "worse.npz", ap=(ap - 0.25)[::-1], r1=r1[::-1], image_ids=ids[::-1])
+    assert run("c", "--compare-with", str(tmp_path / "worse.npz")) == 0
+    (row,) = json.loads((tmp_path / "c" / "results.json").read_text())["paired"]
+    assert row["AP"]["diff"] == pytest.approx(0.25) and row["AP"]["ci"] == pytest.approx([0.25, 0.25])
+    assert row["AP"]["significant"] and row["R@1"]["diff"] == 0
+    assert "paired vs" in capsys.readouterr().out
+    # other queries, or no file: refused, nothing written
+    np.savez(tmp_path / "other.npz", ap=ap[:5], r1=r1[:5], image_ids=ids[:5])
+    assert run("d", "--compare-with", str(tmp_path / "other.npz")) == 2
+    assert "not the 6 queries" in capsys.readouterr().err and not (tmp_path / "d" / "results.json").exists()
+    assert run("e", "--compare-with", str(tmp_path / "nothing")) == 2
+    assert "no per_query.npz" in capsys.readouterr().err and not (tmp_path / "e").exists()
