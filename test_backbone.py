@@ -61,7 +61,7 @@ def get_args_parser():
     p.add_argument("--image-list", default=None,
                    help="optional list file (patient_id filename label ...) mapping image ids to file names")
     p.add_argument("--save-dir", "--output-dir", dest="save_dir", default="./results/backbone_comparison",
-                   help="folder for the results and figures (old name --output-dir)")
+                   help="folder for the results and figures (--output-dir is accepted too)")
     p.add_argument("--k", type=int, default=5, help="length of the top-k lists (mAP@k, overlap@k)")
     p.add_argument("--visualize-samples", type=int, default=5, help="number of query_{idx}_comparison.png (0: none)")
     p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
