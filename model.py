@@ -22,6 +22,7 @@ they never branch on the model name.
 """
 import argparse
 import copy
+import os
 import warnings
 from pathlib import Path
 
@@ -70,7 +71,10 @@ _FLAG.update(pretrained="--no-pretrained", use_mxa="--no-mxa")
 # Attention blocks (CBAM-style "MXA": channel attention, then spatial attention)
 
 class ChannelAttention(nn.Module):
-    """Channel gate: sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))) * x, one shared bias-free MLP."""
+    """Channel gate: sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))) * x, one shared bias-free MLP.
+
+    The MLP's last layer starts at zero, so a new gate is the constant sigmoid(0) = 1/2: an untrained block
+    scales the features and changes no ranking (the first layer gets gradients once the last has moved)."""
 
     def __init__(self, channels, reduction=16):
         super().__init__()
@@ -80,6 +84,7 @@ class ChannelAttention(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
+        nn.init.zeros_(self.mlp[2].weight)
 
     def forward(self, x):  # x: (B, C, H, W)
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
@@ -88,13 +93,16 @@ class ChannelAttention(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Spatial gate: sigmoid(conv([mean_c(x), max_c(x)])) * x, one conv from 2 maps to 1."""
+    """Spatial gate: sigmoid(conv([mean_c(x), max_c(x)])) * x, one conv from 2 maps to 1.
+
+    The conv starts at zero: a new gate is the constant 1/2 at every location (see ChannelAttention)."""
 
     def __init__(self, kernel_size=7):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"SpatialAttention kernel_size must be odd, got {kernel_size}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        nn.init.zeros_(self.conv.weight)
 
     def forward(self, x):  # x: (B, C, H, W)
         desc = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
@@ -102,7 +110,14 @@ class SpatialAttention(nn.Module):
 
 
 class MXA(nn.Module):
-    """Mixed attention: channel attention followed by spatial attention."""
+    """Mixed attention: channel attention followed by spatial attention.
+
+    A new block is exactly x / 4 (two gates of 1/2; a power of two scales floats without rounding), so at
+    initialisation it keeps the backbone's ranking wherever what follows is scale-free: GAP then L2
+    normalisation, a bias-free projection, a LayerNorm (up to its eps). Trained checkpoints hold their own
+    weights: the initialisation changes new models only."""
+
+    INIT_SCALE = 0.25
 
     def __init__(self, channels, reduction=16, kernel_size=7):
         super().__init__()
@@ -116,10 +131,120 @@ class MXA(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # timm backbones and local weight files
 
+def _first_line(e, limit=300):
+    """An exception's first line, shortened: hub errors run to many lines."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else type(e).__name__
+
+
 def _weights_hint():
     return ("Use --no-pretrained for random initialisation, or give a local weight file with "
             "--pretrained-weights PATH (single-backbone models) or --convnext-weights PATH / "
             "--vit-weights PATH (hybrid_convnext_vit).")
+
+
+class WeightsUnavailableError(ValueError, RuntimeError):
+    """Pretrained weights a model needs are not on this machine and cannot be fetched. A ValueError (bad
+    input: one line, before any work) and, as hub failures were before, a RuntimeError."""
+
+
+def _env_true(name):
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hf_cache_dir():
+    """The Hugging Face hub cache the environment names now (huggingface_hub reads it once, at import)."""
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(key):
+            return os.environ[key]
+    return os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+
+
+def _hub_has(repo_id, filenames):
+    """Whether the local hub cache holds one of `filenames` of `repo_id` (a lookup, no network)."""
+    from huggingface_hub import try_to_load_from_cache
+    repo, _, revision = repo_id.partition("@")
+    cache = _hf_cache_dir()
+    return any(isinstance(try_to_load_from_cache(repo, f, cache_dir=cache, revision=revision or None), str)
+               for f in filenames)
+
+
+def _check_timm_weights(name, weights, flag):
+    """One timm backbone's pretrained weights: the local file, else the timm/Hugging Face cache when offline."""
+    fix = (f"give a local weight file with {flag} FILE, or use --no-pretrained (random initialisation)")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise WeightsUnavailableError(f"{flag} {weights}: file not found; {fix}")
+        return
+    if name.startswith("hf-hub:"):
+        repo, files = name[len("hf-hub:"):], ("open_clip_model.safetensors", "model.safetensors",
+                                              "open_clip_pytorch_model.bin", "pytorch_model.bin")
+        url = None
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo, url = (cfg.hf_hub_id, cfg.url) if cfg is not None else (None, None)
+        if not repo and not url and not (cfg is not None and cfg.file):
+            raise WeightsUnavailableError(f"timm has no pretrained weights for '{name}'; {fix}")
+        files = (cfg.hf_hub_filename,) if cfg is not None and cfg.hf_hub_filename else (
+            "model.safetensors", "pytorch_model.bin")
+    if not _env_true("HF_HUB_OFFLINE"):
+        return  # timm downloads them; a failure then is a one-line WeightsUnavailableError (create_backbone)
+    if repo and _hub_has(repo, files):
+        return
+    if url and Path(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0])).is_file():
+        return
+    where = f"Hugging Face hub {repo}" if repo else url
+    raise WeightsUnavailableError(
+        f"the pretrained weights of timm model '{name}' ({where}) are not on this machine and HF_HUB_OFFLINE=1 "
+        f"forbids downloading them: fetch them once on a machine with network access (python -c \"import timm; "
+        f"timm.create_model('{name}', pretrained=True)\" fills the cache), or {fix}")
+
+
+def _check_conceptclip(path, pretrained):
+    """ConceptCLIP's config and remote code (always: the architecture is built from them) and, with
+    pretrained, its weights: in the --conceptclip-path folder, else the Hugging Face cache when offline."""
+    path = str(path)
+    flag, fix = "--conceptclip-path", ("download it once on a machine with network access (huggingface-cli "
+                                       f"download {DEFAULT_CONCEPTCLIP} --local-dir DIR) and pass --conceptclip-path DIR")
+    weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+    local = Path(path).expanduser()
+    if local.is_dir():
+        missing = [n for n in ("config.json",) if not (local / n).is_file()]
+        if pretrained and not any((local / f).is_file() for f in weight_files):
+            missing.append("weights (" + " / ".join(weight_files) + ")")
+        if missing:
+            raise WeightsUnavailableError(f"{flag} {path}: the folder lacks {', '.join(missing)}; {fix}")
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise WeightsUnavailableError(f"{flag} {path}: folder not found; {fix}")
+    if not (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")):
+        return  # transformers downloads it
+    if not _hub_has(path, ("config.json",)) or (pretrained and not _hub_has(path, weight_files)):
+        raise WeightsUnavailableError(f"ConceptCLIP '{path}' is not in the Hugging Face cache "
+                                      f"({_hf_cache_dir() or 'the default cache'}) and offline mode (HF_HUB_OFFLINE / "
+                                      f"TRANSFORMERS_OFFLINE) forbids downloading it: {fix}")
+
+
+def check_weights(model_name, model_args):
+    """Raise WeightsUnavailableError, in one line naming the model id and the flags, when `model_name` built
+    with `model_args` needs pretrained weights (or, for ConceptCLIP, code and config) that are not on this
+    machine while offline. Looks at files and the hub cache only: no model is built, nothing is downloaded.
+    Scripts call it before any work; from a shell:
+        python -c "import model; model.check_weights('timm', {'backbone': 'resnet18'})"
+    """
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model '{model_name}'; choose one of {sorted(MODELS)} (--model)")
+    args = {**DEFAULT_MODEL_ARGS, **model_args}
+    if model_name == "conceptclip":
+        _check_conceptclip(args["conceptclip_path"], args["pretrained"])
+        return
+    sources = getattr(MODELS[model_name], "weight_sources", None)
+    if sources is None:
+        return  # no pretrained part (fusion heads)
+    for name, weights, flag in sources(args):
+        if weights is not None or args["pretrained"]:
+            _check_timm_weights(name, weights, flag)
 
 
 def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretrained-weights"):
@@ -150,13 +275,14 @@ def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretr
     except RuntimeError as e:
         if not use_hub or "Unknown model" in str(e):
             raise
-        raise RuntimeError(f"could not load the pretrained timm weights of '{name}' ({e}). "
-                           + _weights_hint()) from e
+        raise WeightsUnavailableError(f"could not load the pretrained timm weights of '{name}' ({_first_line(e)}). "
+                                      + _weights_hint()) from e
     except Exception as e:  # hub/offline errors come as OSError, HTTP or hub-specific errors
         if not use_hub:
             raise
-        raise RuntimeError(f"could not load the pretrained timm weights of '{name}' "
-                           f"({type(e).__name__}: {e}). " + _weights_hint()) from e
+        raise WeightsUnavailableError(f"could not load the pretrained timm weights of '{name}' "
+                                      f"({type(e).__name__}: {_first_line(e)}). A machine with network access "
+                                      "fetches them into the cache. " + _weights_hint()) from e
     if weights is not None:
         load_backbone_weights(model, weights, flag)
     return model
@@ -260,6 +386,26 @@ def has_spatial_map(backbone, img_size):
     return len(shape) == 4 and shape[1] == backbone.num_features
 
 
+def mxa_init_keeps_ranking(backbone, exact=False):
+    """Whether the backbone's pooled output is unchanged by a new MXA block (the feature map times
+    MXA.INIT_SCALE): up to a positive factor (exact=False: an L2 normalisation or a bias-free projection
+    follows) or as is (exact=True: a fusion with other features follows). Checked on the head itself, since a
+    timm head may add a LayerNorm (scale-free up to its eps), a conv or an activation after pooling."""
+    g = torch.Generator().manual_seed(0)  # a private generator: the model's initialisation must not depend on this
+    p = next(backbone.parameters())
+    f = 3 * torch.randn(4, backbone.num_features, 2, 2, generator=g).to(p.device, p.dtype)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            a, b = (backbone.forward_head(x, pre_logits=True).flatten(1).float() for x in (f, f * MXA.INIT_SCALE))
+    finally:
+        backbone.train(was_training)
+    if not exact:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
 def _pooled_width(backbone):
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
@@ -324,14 +470,26 @@ class TimmEmbedding(EmbeddingModel):
                               f"{tuple(shape)} at {img_size} px, not a spatial (B, C, H, W) map")
         use_mxa = bool(use_mxa) and spatial  # stored as what is applied
         self.mxa = MXA(self.backbone.num_features) if use_mxa else None
+        if use_mxa and (pretrained or pretrained_weights) and not mxa_init_keeps_ranking(self.backbone):
+            self.notes.append(f"a new MXA block scales the feature map by {MXA.INIT_SCALE} and the head of timm "
+                              f"model '{backbone}' is not scale-free after pooling, so the untrained block changes "
+                              "the pretrained features' ranking; use --no-mxa for a frozen-feature baseline")
         width = _pooled_width(self.backbone)
         self.proj = nn.Linear(width, embedding_dim) if embedding_dim else None
+        if self.proj is not None:
+            # bias-free at the start: with it the untrained MXA's constant scale would shift the ranking
+            nn.init.zeros_(self.proj.bias)
         self.embedding_dim = embedding_dim or width
         mean, std = _timm_norm(self.backbone)
         self.data_config = {"img_size": img_size, "mean": mean, "std": std, "resize_mode": "crop"}
         self._finish({"backbone": backbone, "embedding_dim": embedding_dim, "img_size": img_size,
                       "pretrained": bool(pretrained), "pretrained_weights": pretrained_weights,
                       "use_mxa": use_mxa, "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
+
+    @classmethod
+    def weight_sources(cls, a):
+        """[(timm name, local weight file or None, its flag)] of this model's pretrained parts (check_weights)."""
+        return [(a["backbone"], a["pretrained_weights"], "--pretrained-weights")] if a["backbone"] else []
 
     def pretrained_modules(self):
         return [self.backbone]
@@ -354,6 +512,10 @@ class ConvNeXtV2Embedding(TimmEmbedding):
     ARG_NAMES = ("convnext_backbone", "embedding_dim", "img_size", "pretrained",
                  "pretrained_weights", "use_mxa", "freeze_backbone")
 
+    @classmethod
+    def weight_sources(cls, a):
+        return [(a["convnext_backbone"], a["pretrained_weights"], "--pretrained-weights")]
+
     def __init__(self, convnext_backbone=DEFAULT_CONVNEXT, use_mxa=True, **kw):
         super().__init__(convnext_backbone, use_mxa=use_mxa, **kw)
         self.model_args = {"convnext_backbone": self.model_args.pop("backbone"), **self.model_args}
@@ -363,6 +525,10 @@ class ViTEmbedding(TimmEmbedding):
     model_name = "vit"
     ARG_NAMES = ("vit_backbone", "embedding_dim", "img_size", "pretrained", "pretrained_weights",
                  "freeze_backbone")
+
+    @classmethod
+    def weight_sources(cls, a):
+        return [(a["vit_backbone"], a["pretrained_weights"], "--pretrained-weights")]
 
     def __init__(self, vit_backbone=DEFAULT_VIT, **kw):
         super().__init__(vit_backbone, use_mxa=False, **kw)
@@ -374,6 +540,10 @@ class _FixedBackbone(TimmEmbedding):
     """Classic baselines: a fixed timm architecture, plain GAP, no attention block."""
     ARG_NAMES = ("embedding_dim", "img_size", "pretrained", "pretrained_weights", "freeze_backbone")
     TIMM_NAME = None
+
+    @classmethod
+    def weight_sources(cls, a):
+        return [(cls.TIMM_NAME, a["pretrained_weights"], "--pretrained-weights")]
 
     def __init__(self, **kw):
         super().__init__(self.TIMM_NAME, use_mxa=False, **kw)
@@ -412,6 +582,11 @@ class HybridConvNeXtViT(EmbeddingModel):
             raise ValueError(f"--convnext-backbone {convnext_backbone} does not give an NCHW feature "
                              "map; the hybrid's first branch must be a conv net (e.g. convnextv2_atto)")
         self.mxa = MXA(self.convnext.num_features) if use_mxa else None
+        if use_mxa and (pretrained or convnext_weights) and not mxa_init_keeps_ranking(self.convnext, exact=True):
+            # the pooled conv features meet the ViT's in one Linear: here only a scale-invariant head is harmless
+            self.notes.append(f"a new MXA block scales the feature map by {MXA.INIT_SCALE} and the head of "
+                              f"'{convnext_backbone}' has no LayerNorm to undo it, so the untrained block changes "
+                              "the conv branch's weight in the fusion")
         self.conv_dim = _pooled_width(self.convnext)  # 1024 for ConvNeXtV2-B
         self.vit_dim = _pooled_width(self.vit)        # 768 for ViT-B
         self.fusion = nn.Sequential(
@@ -434,6 +609,11 @@ class HybridConvNeXtViT(EmbeddingModel):
                       "vit_backbone": vit_backbone, "convnext_weights": convnext_weights,
                       "vit_weights": vit_weights, "use_mxa": bool(use_mxa),
                       "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
+
+    @classmethod
+    def weight_sources(cls, a):
+        return [(a["convnext_backbone"], a["convnext_weights"], "--convnext-weights"),
+                (a["vit_backbone"], a["vit_weights"], "--vit-weights")]
 
     def pretrained_modules(self):
         return [self.convnext, self.vit]
@@ -536,8 +716,8 @@ def _load_conceptclip(path, pretrained):
             model = AutoModel.from_config(config, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
     except (OSError, ValueError, ImportError) as e:
-        raise RuntimeError(f"could not load ConceptCLIP from '{path}' ({type(e).__name__}: {e}). "
-                           + hint) from e
+        raise WeightsUnavailableError(f"could not load ConceptCLIP from '{path}' ({type(e).__name__}: "
+                                      f"{_first_line(e)}). " + hint) from e
     return model, processor
 
 
@@ -642,6 +822,9 @@ def get_transform(model, train=False, rand_resize=False):
     """The transform for `model` (its data_config), shared by training, testing and extraction."""
     from dataset import build_transform
     cfg = _unwrap(model).data_config
+    if cfg is None:  # a fusion head takes saved embeddings, not images
+        raise ValueError(f"model '{_unwrap(model).model_name}' is not an image model and has no image transform; "
+                         "use an image model's checkpoint (written by train.py)")
     return build_transform(cfg["img_size"], cfg["mean"], cfg["std"], train=train,
                            rand_resize=rand_resize, resize_mode=cfg["resize_mode"],
                            interpolation=cfg.get("interpolation", "bilinear"))
@@ -650,7 +833,7 @@ def get_transform(model, train=False, rand_resize=False):
 def get_model_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(MODELS),
+    g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(set(MODELS) - {"fusion"}),
                    help="embedding model (see README: Models)")
     g.add_argument("--embedding-dim", type=int, default=None,
                    help="output width (default: native width; hybrid_convnext_vit: 1024)")
@@ -706,8 +889,35 @@ def make_checkpoint(model, **extra):
             "model_notes": list(getattr(model, "notes", [])), **extra}
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """torch.load a toolkit checkpoint (weights_only) and check its format; no model is built."""
+# What a checkpoint holds, by the use a caller can make of it: "image" models embed images (every tool with
+# --resume), a "fusion" head (train_fusion.py) maps saved embeddings to fused ones (train_fusion.py --apply).
+CHECKPOINT_KINDS = ("image", "fusion")
+
+
+def checkpoint_kind(ckpt):
+    return "fusion" if ckpt.get("model_name") == "fusion" else "image"
+
+
+def check_checkpoint_kind(path, ckpt, kind):
+    """CheckpointError, in one line naming the file and where it can be used, when `ckpt` is not of `kind`."""
+    if kind not in CHECKPOINT_KINDS:
+        raise ValueError(f"checkpoint kind {kind!r}: choose one of {CHECKPOINT_KINDS}")
+    found = checkpoint_kind(ckpt)
+    if found == kind:
+        return
+    if found == "fusion":
+        raise CheckpointError(f"checkpoint {path} is a learned fusion head (train_fusion.py) over saved embeddings, "
+                              f"not an image model: use it with train_fusion.py --apply {path} --embeddings ...; "
+                              "give this tool a checkpoint written by train.py")
+    raise CheckpointError(f"checkpoint {path} is an image model ('{ckpt.get('model_name')}', written by train.py), "
+                          "not a fusion head: give train_fusion.py --apply a *_best_ckpt.pth written by "
+                          "train_fusion.py, and this file to extract_embeddings.py / test.py --resume")
+
+
+def read_checkpoint(path, map_location="cpu", kind="image"):
+    """torch.load a toolkit checkpoint (weights_only) and check its format; no model is built.
+
+    kind: "image" (default: what every --resume takes), "fusion" (train_fusion.py --apply) or None (any)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path (--resume)")
@@ -731,13 +941,22 @@ def read_checkpoint(path, map_location="cpu"):
     for key in ("model_name", "model_args", "model"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint {path} lacks '{key}'; the file is damaged")
+    if kind is not None:
+        check_checkpoint_kind(path, ckpt, kind)
     return ckpt
 
 
-def load_checkpoint(path, map_location="cpu", expected_model=None, expected_embedding_dim=None):
+def load_checkpoint(path, map_location="cpu", expected_model=None, expected_embedding_dim=None, kind=None):
     """Rebuild the model from the checkpoint alone (pretrained=False: no download), load its
-    weights strictly, return (model in eval mode, checkpoint dict)."""
-    ckpt = read_checkpoint(path, map_location)
+    weights strictly, return (model in eval mode, checkpoint dict).
+
+    kind: the kind of checkpoint the caller can use, "image" (image models; the default) or "fusion"
+    (train_fusion.py --apply); another kind is a one-line CheckpointError before any model is built.
+    kind=None keeps the older call load_checkpoint(path, expected_model="fusion") working: it means "fusion"
+    when expected_model is "fusion", else "image"."""
+    if kind is None:
+        kind = "fusion" if expected_model == "fusion" else "image"
+    ckpt = read_checkpoint(path, map_location, kind=kind)
     name, stored = ckpt["model_name"], ckpt["model_args"]
     if expected_model is not None and name != expected_model:
         raise CheckpointError(f"checkpoint {path} holds model '{name}', but --model {expected_model} "

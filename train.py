@@ -23,7 +23,8 @@ Resume an interrupted run (same command plus):  --resume checkpoints/RUN/RUN_las
     new horizon from the restored epoch (lr(e) = lr * 0.5 * (1 + cos(pi * e / epochs))), and the log says so.
 
 Outputs go to --save-dir/RUN with RUN = {dataset}_{model}_embed_{dim}_seed_{seed}: args.json, log.jsonl
-(one JSON line per epoch), RUN_last_ckpt.pth (every epoch), RUN_best_ckpt.pth (best validation mAP),
+(one JSON line per epoch), RUN_last_ckpt.pth (every epoch), RUN_best_ckpt.pth (best validation mAP; model
+weights only, no optimizer state: a third of the size, for test.py / extract_embeddings.py, not for --resume),
 RUN_epoch_{E}_ckpt.pth (every --save-freq epochs), training_curves.png, results.json (test list, best
 checkpoint). An existing run folder is never overwritten unless --resume or --overwrite is given.
 """
@@ -61,6 +62,9 @@ OPTIMISATION_FLAGS = {
 SELECTION_METRIC = "mAP"  # validation mAP (full ranking, leave-one-out, self excluded) picks the best checkpoint
 # Weight sources are not architecture: a resumed model is rebuilt without them (its weights come from the file).
 WEIGHT_KEYS = ("pretrained", "pretrained_weights", "convnext_weights", "vit_weights")
+# What only --resume needs. The _last_ and _epoch_E_ files keep it; the _best_ file, used for testing and
+# extraction, leaves it out (Adam's two moments are twice the weights: 108 MB -> 36 MB for the demo's hybrid).
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "rng_states")
 # --demo: a tiny hybrid at 64 px from random init on the generated demo data; explicit flags still win.
 # Batch-all mining: from random init batch-hard collapses to the margin (loss ~0.2 with every triplet active;
 # test mAP 0.44 -> 0.67 measured) and semi-hard overfits the 72 images unevenly across seeds, while batch-all
@@ -76,7 +80,7 @@ DEMO = dict(model="hybrid_convnext_vit", convnext_backbone="convnextv2_atto", vi
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train a retrieval embedding with P x K triplet batches", add_help=True,
                                      parents=[M.get_model_parser(), ds.get_data_parser()],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     g = parser.add_argument_group("training")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="patient-disjoint share of the training list used for validation (without --val-image-list)")
@@ -183,7 +187,13 @@ def read_resume(path):
         ckpt = M.read_checkpoint(path)
     except M.CheckpointError as e:
         raise ValueError(f"--resume: {e}") from e
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "epoch", "args", "rng_states") if k not in ckpt]
+    missing = [k for k in (*RESUME_KEYS, "epoch", "args") if k not in ckpt]
+    if missing and "epoch" in ckpt and "args" in ckpt:  # a train.py _best_ file: weights without optimizer state
+        last = Path(path).with_name(Path(path).name.replace("_best_ckpt", "_last_ckpt"))
+        hint = f"--resume {last}" if last != Path(path) and last.is_file() else "its run's _last_ or _epoch_E_ file"
+        raise ValueError(f"--resume {path}: a _best_ checkpoint keeps the model weights only (no optimizer state), "
+                         f"so it cannot continue training exactly; resume from {hint}, or start a new run to "
+                         f"fine-tune from these weights")
     if missing:
         raise ValueError(f"--resume {path}: a model-only checkpoint (no {', '.join(missing)}); it cannot resume "
                          f"training (to fine-tune from its weights, start a new run instead)")
@@ -423,6 +433,25 @@ def drop_classes(dataset, names, labels_per_batch=None):
     return dataset.subset(keep)
 
 
+def excluded_counts(dataset, names):
+    """{class name: images of it} in `dataset`, for the --exclude-classes line."""
+    return {n: int(np.sum(dataset.labels == dataset.class_names.index(n))) if n in dataset.class_names else 0
+            for n in names}
+
+
+def excluded_line(counts, test_set):
+    """One line saying which classes --exclude-classes removed and how many images each part lost."""
+    parts = [f"{part} " + ", ".join(f"{n} {c}" for n, c in by_class.items()) for part, by_class in counts.items()]
+    kept = ""
+    if test_set is not None:
+        names = list(next(iter(counts.values())))
+        n = sum(int(np.sum(test_set.labels == test_set.class_names.index(c))) for c in names
+                if c in test_set.class_names)
+        kept = f"; the test list keeps its {n} images of them (unseen classes at test time)"
+    return f"--exclude-classes {' '.join(next(iter(counts.values())))}: images left out of training: " \
+           f"{'; '.join(parts)}{kept}"
+
+
 def setup(args):
     """Every check that can fail on bad input, before anything is written or trained."""
     if args.resume is not None and not Path(args.resume).is_file():  # the cheapest check first
@@ -447,6 +476,7 @@ def setup(args):
     build_args = dict(model_args)
     if ckpt is not None:  # the weights come from the checkpoint: never download or read backbone files again
         build_args.update({k: (False if k == "pretrained" else None) for k in WEIGHT_KEYS if k in build_args})
+    M.check_weights(name, build_args)  # offline without the weights: one line naming the flags, before any build
     model = M.build_model(name, **build_args)
     if ckpt is not None:
         check_same_model(args.resume, ckpt, model)
@@ -478,8 +508,12 @@ def setup(args):
                                       class_names=classes, check_files=False).subset(va_idx)
         train_set = train_set.subset(tr_idx)
     if args.exclude_classes:  # after the split, so validation patients are the same with and without it
+        counts = {"train": excluded_counts(train_set, args.exclude_classes)}
         train_set = drop_classes(train_set, args.exclude_classes, args.labels_per_batch)
-        val_set = drop_classes(val_set, args.exclude_classes) if val_set is not None else None
+        if val_set is not None:
+            counts["validation"] = excluded_counts(val_set, args.exclude_classes)
+            val_set = drop_classes(val_set, args.exclude_classes)
+        args._excluded = counts  # printed when the run starts (fit); --exclude-classes itself is in args.json
     test_set = None
     if args.test_image_list is not None:
         test_set = ds.ImageListDataset(args.test_image_list, ds.test_image_dir(args.dataset_dir, args.test_dataset_dir),
@@ -536,9 +570,13 @@ def reconcile_best(run_dir, stem, ckpt, history):
               f"history) are in no file of {run_dir}; model selection restarts from epoch {epoch}")
         source = ckpt if best_epoch is not None else None
     if source is not None:
-        source = dict(source, best_metric=best, best_epoch=best_epoch)
-        utils.atomic_torch_save(source, path)
+        utils.atomic_torch_save(model_only(dict(source, best_metric=best, best_epoch=best_epoch)), path)
     return best, best_epoch
+
+
+def model_only(state):
+    """A checkpoint without what only --resume needs (RESUME_KEYS): what the _best_ file keeps."""
+    return {k: v for k, v in state.items() if k not in RESUME_KEYS}
 
 
 def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, sampler, steps, run_dir, stem):
@@ -554,6 +592,8 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
               f"val {len(val_set) if val_set is not None else 0}, test {len(test_set) if test_set is not None else 0}; "
               f"{steps} steps/epoch of {args.accum_steps} x {args.labels_per_batch}x{args.samples_per_label} "
               f"images x {utils.get_world_size()} ranks; run folder {run_dir}")
+        if getattr(args, "_excluded", None):
+            print(excluded_line(args._excluded, test_set))
     model.to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -635,7 +675,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
                 history=history, before_training=before, class_names=list(train_set.class_names))
             utils.atomic_torch_save(state, ckpt_path("last"))
             if improved:
-                utils.atomic_torch_save(state, ckpt_path("best"))
+                utils.atomic_torch_save(model_only(state), ckpt_path("best"))
             if epoch % args.save_freq == 0:
                 utils.atomic_torch_save(state, ckpt_path(f"epoch_{epoch}"))
             with open(run_dir / "log.jsonl", "a") as f:

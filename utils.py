@@ -2,6 +2,7 @@
 
 Kept deliberately small: model code lives in model.py, data code in dataset.py, metrics in metrics.py.
 """
+import argparse
 import datetime
 import json
 import os
@@ -292,3 +293,15 @@ def print_args(args):
     print(f"git: {git_revision()}")
     for key, value in sorted(vars(args).items()):
         print(f"  {key}: {value}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, said once: not where the help line already explains it ("(default: ...)"),
+    and not for a default that says nothing or misleads (None: the flag is simply not given; the True or False
+    behind a switch such as --no-mxa, whose "(default: True)" reads as if the switch were on)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or (isinstance(action.default, bool) and action.nargs == 0):
+            return text
+        return super()._get_help_string(action)

@@ -298,6 +298,9 @@ def test_offline_hub_weights_give_clear_error():
     with pytest.raises(RuntimeError) as err:
         M.build_model("timm", backbone="test_convnext2", img_size=64, pretrained=True)
     msg = str(err.value)
+    # one line, and a ValueError: the scripts print it as their one-line error instead of a traceback
+    assert isinstance(err.value, M.WeightsUnavailableError) and isinstance(err.value, ValueError)
+    assert "\n" not in msg
     for flag in ("--no-pretrained", "--pretrained-weights", "--convnext-weights", "--vit-weights"):
         assert flag in msg
 
@@ -393,3 +396,119 @@ def test_get_transform_uses_data_config():
     expected = [(0.2 - 0.5) / 0.5, (0.4 - 0.5) / 0.5, (0.8 - 0.5) / 0.5]
     assert torch.allclose(x[:, 32, 32], torch.tensor(expected), atol=1e-5)
     assert M.get_transform(m, train=True, rand_resize=True)(img).shape == (3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# a new MXA block keeps the backbone's ranking (issue 19, item 19)
+
+def test_new_mxa_gates_are_the_constant_one_half():
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.equal(M.ChannelAttention(8)(x), x * 0.5) and torch.equal(M.SpatialAttention()(x), x * 0.5)
+    assert torch.equal(M.MXA(8)(x), x * M.MXA.INIT_SCALE) and M.MXA.INIT_SCALE == 0.25
+
+
+def _without_mxa(model, name, **args):
+    """The same model built with --no-mxa and given every weight of `model` but the MXA block's."""
+    plain = M.build_model(name, **args, use_mxa=False).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mxa.")}, strict=True)
+    return plain
+
+
+@pytest.mark.parametrize("name,args", [
+    ("timm", {"backbone": "test_resnet"}),                        # GAP: exact
+    ("timm", {"backbone": "test_resnet", "embedding_dim": 16}),   # + projection
+    ("convnextv2", {"convnext_backbone": "test_convnext"}),       # GAP + head LayerNorm (scale-free up to its eps)
+])
+def test_untrained_mxa_keeps_the_ranking_for_every_seed(name, args):
+    x = torch.randn(6, 3, 48, 48, generator=torch.Generator().manual_seed(7))
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        with_mxa = M.build_model(name, **args, img_size=48, pretrained=False).eval()
+        assert with_mxa.mxa is not None
+        plain = _without_mxa(with_mxa, name, **args, img_size=48, pretrained=False)
+        with torch.no_grad():
+            a, b = with_mxa(x), plain(x)
+        sim_a, sim_b = a @ a.T, b @ b.T
+        assert torch.allclose(sim_a, sim_b, atol=1e-5), (name, seed, (sim_a - sim_b).abs().max())
+        assert torch.equal(sim_a.fill_diagonal_(-2).argsort(1, descending=True),
+                           sim_b.fill_diagonal_(-2).argsort(1, descending=True)), (name, seed)
+
+
+def test_a_head_that_is_not_scale_free_is_said(tmp_path, capsys):
+    # MobileNetV3 applies a biased conv and hardswish after pooling: x / 4 there is not a harmless scale
+    for backbone, scale_free in (("mobilenetv3_small_050", False), ("test_resnet", True)):
+        weights = tmp_path / f"{backbone}.pth"
+        torch.save(timm.create_model(backbone, num_classes=0).state_dict(), weights)
+        assert M.mxa_init_keeps_ranking(M.create_backbone(backbone, False)) is scale_free
+        m = M.build_model("timm", backbone=backbone, img_size=64, pretrained_weights=str(weights))
+        said = any("--no-mxa for a frozen-feature baseline" in n for n in m.notes)
+        assert said is not scale_free, (backbone, m.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights checked before any work, offline (issue 19, item 18)
+
+@pytest.fixture()
+def offline_empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # "without loading the model": nothing may be built or downloaded
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("check_weights built a model"))
+    return tmp_path / "hf" / "hub"
+
+
+def _one_line(err):
+    msg = str(err.value)
+    assert "\n" not in msg and isinstance(err.value, ValueError)
+    return msg
+
+
+def test_check_weights_offline_names_the_model_and_the_flags(offline_empty_cache):
+    with pytest.raises(M.WeightsUnavailableError) as err:
+        M.check_weights("timm", {"backbone": "resnet18"})
+    msg = _one_line(err)
+    for part in ("'resnet18'", "timm/resnet18.a1_in1k", "--pretrained-weights FILE", "--no-pretrained", "network"):
+        assert part in msg, part
+    with pytest.raises(M.WeightsUnavailableError, match="--convnext-weights FILE"):
+        M.check_weights("hybrid_convnext_vit", {})
+    with pytest.raises(M.WeightsUnavailableError, match="densenet121"):
+        M.check_weights("densenet121", {})
+    with pytest.raises(M.WeightsUnavailableError, match="--pretrained-weights .*nope.pth: file not found"):
+        M.check_weights("resnet50", {"pretrained_weights": str(offline_empty_cache / "nope.pth")})
+    # nothing to fetch: random weights, or a fusion head
+    assert M.check_weights("timm", {"backbone": "resnet18", "pretrained": False}) is None
+    assert M.check_weights("hybrid_convnext_vit", {"pretrained": False}) is None
+    assert M.check_weights("fusion", {}) is None
+
+
+def test_check_weights_finds_the_hub_cache(offline_empty_cache):
+    # the hub cache layout: models--ORG--NAME/snapshots/REV/FILE with refs/main naming REV
+    repo = offline_empty_cache / "models--timm--resnet18.a1_in1k"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "model.safetensors").write_bytes(b"x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    assert M.check_weights("timm", {"backbone": "resnet18"}) is None
+    assert M.check_weights("timm", {"backbone": "resnet18.a1_in1k"}) is None
+    with pytest.raises(M.WeightsUnavailableError, match="resnet34"):
+        M.check_weights("timm", {"backbone": "resnet34"})
+
+
+def test_check_weights_conceptclip(offline_empty_cache, tmp_path):
+    with pytest.raises(M.WeightsUnavailableError) as err:
+        M.check_weights("conceptclip", {})
+    msg = _one_line(err)
+    assert M.DEFAULT_CONCEPTCLIP in msg and "--conceptclip-path DIR" in msg
+    local = tmp_path / "cc"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    with pytest.raises(M.WeightsUnavailableError, match="lacks weights"):
+        M.check_weights("conceptclip", {"conceptclip_path": str(local)})
+    assert M.check_weights("conceptclip", {"conceptclip_path": str(local), "pretrained": False}) is None
+    (local / "model.safetensors").write_bytes(b"x")
+    assert M.check_weights("conceptclip", {"conceptclip_path": str(local)}) is None
+    with pytest.raises(M.WeightsUnavailableError, match="folder not found"):
+        M.check_weights("conceptclip", {"conceptclip_path": str(tmp_path / "missing")})

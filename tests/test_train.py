@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -240,6 +241,7 @@ def test_resume_from_epoch_file_tests_its_own_best_not_a_later_one(two_epochs, d
     assert kept["epoch"] == 5
     best = torch.load(run_dir / f"{STEM}_best_ckpt.pth", weights_only=True)
     assert all(torch.equal(best["model"][k], first["model"][k]) for k in first["model"])
+    assert not set(train.RESUME_KEYS) & set(best)  # rewritten from the epoch file: still weights only
 
 
 def test_refusals_leave_no_folder(demo_data, tmp_path, capsys):
@@ -304,3 +306,64 @@ def test_training_curves_are_labelled_and_mark_the_best_epoch(tmp_path, monkeypa
     assert right.get_ylim()[1] > 1.0  # a curve at 1.0 is not drawn on the frame
     vlines = [l for l in right.get_lines() if list(l.get_xdata()) == [2, 2]]
     assert vlines and "epoch 2" in vlines[0].get_label()
+
+
+# ---------------------------------------------------------------- issue 19: checkpoint sizes, X-MIR, help, offline
+
+def test_best_checkpoint_holds_weights_without_optimizer_state(two_epochs, demo_data, tmp_path, capsys):
+    best_path, last_path = two_epochs / f"{STEM}_best_ckpt.pth", two_epochs / f"{STEM}_last_ckpt.pth"
+    best = torch.load(best_path, weights_only=True)
+    assert not set(train.RESUME_KEYS) & set(best)
+    assert {"model", "model_args", "epoch", "best_epoch", "args", "class_names"} <= set(best)
+    for tag in ("last", "epoch_1", "epoch_2"):  # the files --resume takes keep everything
+        assert set(train.RESUME_KEYS) <= set(torch.load(two_epochs / f"{STEM}_{tag}_ckpt.pth", weights_only=True))
+    # Adam keeps two moments per trainable weight, so a file without them is about a third of one with them
+    assert best_path.stat().st_size < 0.5 * last_path.stat().st_size
+    same_epoch = torch.load(two_epochs / f"{STEM}_epoch_{best['epoch']}_ckpt.pth", weights_only=True)
+    assert all(torch.equal(best["model"][k], same_epoch["model"][k]) for k in same_epoch["model"])
+    # resuming from it is refused, naming the file that can resume the run; nothing changes
+    save, run_dir = _copy_run(two_epochs, tmp_path)
+    before = snapshot(save)
+    assert run(demo_data, save, "--epochs", "3", "--resume", str(run_dir / best_path.name)) == 2
+    err = capsys.readouterr().err
+    assert "no optimizer state" in err and f"--resume {run_dir / last_path.name}" in err and "Traceback" not in err
+    assert snapshot(save) == before
+
+
+def test_exclude_classes_says_what_it_left_out(demo_data, tmp_path, capsys):
+    count = lambda lst: sum(l.split()[2] == "COVID-19" for l in (demo_data / lst).read_text().splitlines())
+    assert run(demo_data, tmp_path, "--epochs", "1", "-p", "2", "--exclude-classes", "COVID-19") == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("--exclude-classes"))
+    m = re.fullmatch(r"--exclude-classes COVID-19: images left out of training: train COVID-19 (\d+); "
+                     r"validation COVID-19 (\d+); the test list keeps its (\d+) images of them .*", line)
+    assert m, line
+    # every COVID-19 image of the training list is in the training or the validation part, none is trained on
+    assert int(m[1]) + int(m[2]) == count("train_split.txt") and int(m[3]) == count("test_split.txt") > 0
+    ckpt = torch.load(tmp_path / STEM / f"{STEM}_last_ckpt.pth", weights_only=True)
+    assert ckpt["args"]["exclude_classes"] == ["COVID-19"] and "COVID-19" in ckpt["class_names"]
+
+
+def test_help_says_each_default_once():
+    text = " ".join(train.get_args_parser().format_help().split())  # argparse wraps lines
+    for empty in ("(default: None)", "(default: True)", "(default: False)"):
+        assert empty not in text, empty  # --no-mxa "(default: True)" read as if the switch were on
+    assert "(default: cuda when available)" in text and text.count("(default: cuda") == 1
+    assert "--epochs EPOCHS training epochs (cosine lr schedule over them) (default: 30)" in text
+
+
+def test_offline_without_weights_is_one_line_before_any_work(demo_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(M, "build_model", lambda *a, **k: pytest.fail("a model was built before the weights check"))
+    argv = [a for a in TINY if a != "--no-pretrained"] + [
+        "--dataset-dir", str(demo_data), "--train-image-list", str(demo_data / "train_split.txt"),
+        "--save-dir", str(tmp_path / "save")]
+    assert train.main(train.parse_args(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("train.py: error:"), err
+    for part in ("'convnextv2_atto'", "--pretrained-weights FILE", "--no-pretrained", "network"):
+        assert part in err, part
+    assert not (tmp_path / "save").exists()
