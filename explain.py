@@ -17,7 +17,10 @@ ranked exactly as test.py ranks them (metrics.rank: same tie rule, same-patient 
 Methods: gradcam, gradcam++ and the other CAMs of pytorch-grad-cam (layers from model.explain_layers), sbsm
 (occlusion), simcam (exact decomposition, linear-on-GAP heads only), random (a smoothed random map: the
 baseline). Writes SAVE_DIR/explain.json, SAVE_DIR/maps/*.npy (float32, the original image's size, 0 where
-the model never looked) and SAVE_DIR/figures/QUERY_ID.png. Scores (--evaluate, --mask-dir/--boxes): README.
+the model never looked; bilinear, except simcam's: spread by area, so each saved simcam map sums to its pair's
+cosine) and SAVE_DIR/figures/QUERY_ID.png. Results of the query's own patient (possible without
+--exclude-same-patient) are marked: "same_patient" in explain.json, SAME PATIENT in the figure, a console note.
+Scores (--evaluate, --mask-dir/--boxes): README.
 """
 import argparse
 import contextlib
@@ -35,6 +38,7 @@ import metrics
 import ood
 from dataset import (ImageListDataset, get_data_parser, load_image, resolve_class_names, test_image_dir,
                      train_image_dir)
+from model import CheckpointError
 from utils import (atomic_np_save, check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args,
                    save_json, set_seed)
 
@@ -45,11 +49,21 @@ CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam":
 METHODS = list(CAM_METHODS) + ["sbsm", "simcam", "random"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Prints each flag's default, except where its help line already says what the default means
+    ("default: cuda when available" says more than the "default: None" it would repeat)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="Similarity saliency of retrieval results",
                                 parents=[get_data_parser(lists=("test",), test_help="query list (images in the test "
                                                          "folder); leave-one-out unless --gallery-image-list")],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model and retrieval")
     g.add_argument("--resume", type=Path, required=True, help="checkpoint written by train.py")
     g.add_argument("--gallery-image-list", type=Path, default=None, help="search the queries against these images")
@@ -58,7 +72,8 @@ def get_args_parser():
     g.add_argument("--exclude-same-patient", action="store_true", help="remove gallery images of the query's patient")
     g.add_argument("--topk", type=int, default=5, help="results explained per query")
     g.add_argument("--num-queries", type=int, default=20, help="queries drawn with --seed (ignored with --query-ids)")
-    g.add_argument("--query-ids", nargs="+", default=None, help="image ids (filename stems) of the queries")
+    g.add_argument("--query-ids", nargs="+", default=None, help="image ids of the queries (filename stems; "
+                   "path parts joined by _ where stems repeat in the list)")
     g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g = p.add_argument_group("explanation")
@@ -104,22 +119,36 @@ class CosineTarget:
         return F.cosine_similarity(output, self.ref.to(output.device), dim=-1)
 
 
+class SaliencyError(RuntimeError):
+    """pytorch-grad-cam failed on this model: the message names the method and the hooked layers."""
+
+
 @contextlib.contextmanager
 def gradients_through(model):
-    """Let gradients flow through a frozen tower (ConceptCLIP's forward skips autograd when frozen)."""
+    """Let the gradient of the cosine reach the hooked layers whatever trains. A frozen tower (ConceptCLIP's
+    forward skips autograd when frozen) or a frozen backbone under a trainable head gives its activations no
+    gradient of their own, so the parameters stop asking for one here and the input asks instead (cam_maps):
+    d cos / d activation does not depend on which weights train, and no weight gradient is computed. The
+    parameters' requires_grad and the model's `frozen` flag are restored afterwards."""
     frozen = getattr(model, "frozen", None)
+    wanted = [(p, p.requires_grad) for p in model.parameters()]
     if frozen:
         model.frozen = False
     try:
+        for p, _ in wanted:
+            p.requires_grad_(False)
         yield
     finally:
+        for p, r in wanted:
+            p.requires_grad_(r)
         if frozen:
             model.frozen = frozen
 
 
 def cam_maps(model, spec, method, images, refs, batch_size=32):
     """CAM maps (B, S, S) in [0, 1] of images (B, 3, S, S) with targets cos(f(image_i), refs_i), and per branch
-    {name: (B, S, S)} when the spec has several (combined by spec.combine)."""
+    {name: (B, S, S)} when the spec has several (combined by spec.combine). A failure inside pytorch-grad-cam
+    is a SaliencyError naming the method and the layers."""
     import pytorch_grad_cam as pgc
     base = getattr(pgc, CAM_METHODS[method])
 
@@ -128,16 +157,23 @@ def cam_maps(model, spec, method, images, refs, batch_size=32):
         return base.aggregate_multi_layers(self, per_layer)
 
     cls = type(f"Branch{base.__name__}", (base,), {"aggregate_multi_layers": aggregate})
-    frozen = not any(p.requires_grad for p in model.parameters())
+    names = {id(m): n for n, m in model.named_modules()}
+    where = ", ".join(names.get(id(m), type(m).__name__) for _, m in spec.layers)
     out, branches = [], {n: [] for n in spec.names}
     was_training = model.training
     with gradients_through(model), cls(model=model, target_layers=[m for _, m in spec.layers],
                                        reshape_transform=spec.reshape) as cam:
         cam.batch_size = batch_size  # ScoreCAM's forward passes per batch of masked inputs
         for s in range(0, len(images), batch_size):
-            # a frozen tower gives activations no gradient unless the input asks for one
-            x, r = images[s:s + batch_size].detach().requires_grad_(frozen), refs[s:s + batch_size]
-            out.append(np.asarray(cam(input_tensor=x, targets=[CosineTarget(v) for v in r]), np.float32))
+            # the input always asks for the gradient: the only way it reaches the layers (gradients_through)
+            x, r = images[s:s + batch_size].detach().requires_grad_(True), refs[s:s + batch_size]
+            try:
+                out.append(np.asarray(cam(input_tensor=x, targets=[CosineTarget(v) for v in r]), np.float32))
+            except Exception as e:
+                msg = str(e).splitlines()[0] if str(e) else ""
+                raise SaliencyError(f"--method {method}: pytorch-grad-cam failed at layer {where} of "
+                                    f"{type(model).__name__} ({type(e).__name__}: {msg}); try --method sbsm, "
+                                    "which needs no hooks") from e
             for n, m in zip(spec.names, cam.per_layer):
                 branches[n].append(m)
     model.train(was_training)
@@ -178,8 +214,9 @@ def simcam_map(head, image, ref):
     """Exact split of cos(ref, f(image)) over the feature grid, for f = normalize(W mean_hw(F) + b).
 
     cos = ref . z / |z| with z = mean_ij (W F_ij + b), so map_ij = ref . (W F_ij + b) / (h w |z|) sums to the
-    cosine exactly (the bias spread evenly over locations). Returns (grid map (h, w), input-size map (S, S)
-    whose sum is the same: each cell's value spread evenly over its pixels)."""
+    cosine exactly (the bias spread evenly over locations). Returns (grid map (h, w), input-size map (S, S)):
+    the input-size map is the grid spread by area (spread_grid), so it sums to the cosine too, also when S is
+    not a multiple of the grid."""
     feature_map, weight, bias = head
     with torch.no_grad():
         fmap = feature_map(image[None])[0].float()  # (C, h, w)
@@ -188,11 +225,9 @@ def simcam_map(head, image, ref):
         if weight is not None:
             loc = loc @ weight.float().T + (0 if bias is None else bias.float())
         z = loc.mean(0)
-        grid = (loc @ ref.float()) / (h * w * z.norm())
-        grid = grid.reshape(h, w)
-        size = image.shape[-1]
-        up = F.interpolate(grid[None, None], size=(size, size), mode="nearest")[0, 0] * (h * w) / (size * size)
-    return grid.cpu().numpy(), up.cpu().numpy().astype(np.float32)
+        grid = ((loc @ ref.float()) / (h * w * z.norm())).reshape(h, w).cpu().numpy()
+    size = image.shape[-1]
+    return grid, spread_grid(grid, (size, size), {"img_size": size, "resize_mode": "squash"})
 
 
 def random_map(shape, rng, sigma=None):
@@ -206,18 +241,23 @@ def random_map(shape, rng, sigma=None):
 
 # --------------------------------------------------------------------------- back to the original image
 
-def map_to_original(saliency, orig_hw, data_config):
-    """Carry an (S, S) map on the model's input back to the original image (H, W) through the eval transform
-    (crop: shorter side resized to int(1.125 S) then centre crop; squash: resize to S x S). Pixels the crop
-    dropped are 0."""
+def input_geometry(orig_hw, data_config):
+    """How the eval transform puts an original image (H, W) on the model's S x S input: (S, the resized image's
+    (rh, rw), the crop's (top, left)). crop: shorter side resized to int(1.125 S), then centre crop; squash:
+    resize to S x S."""
     size, (h, w) = int(data_config["img_size"]), orig_hw
     if data_config["resize_mode"] == "squash":
-        rh = rw = size
-        top = left = 0
-    else:
-        short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
-        rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
-        top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
+        return size, (size, size), (0, 0)
+    short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
+    rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    return size, (rh, rw), (int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
+
+
+def map_to_original(saliency, orig_hw, data_config):
+    """Carry an (S, S) map on the model's input back to the original image (H, W) through the eval transform
+    (input_geometry), bilinear: values, not sums, are kept. Pixels the crop dropped are 0."""
+    h, w = orig_hw
+    size, (rh, rw), (top, left) = input_geometry(orig_hw, data_config)
     # each original pixel centre in the model's input, in grid_sample's [-1, 1] (pixel edges at +-1)
     ys = ((np.arange(h) + 0.5) * rh / h - top) / size * 2 - 1
     xs = ((np.arange(w) + 0.5) * rw / w - left) / size * 2 - 1
@@ -227,6 +267,29 @@ def map_to_original(saliency, orig_hw, data_config):
     out = F.grid_sample(m, grid[None], mode="bilinear", padding_mode="border", align_corners=False)[0, 0].numpy()
     seen = (np.abs(ys) <= 1)[:, None] & (np.abs(xs) <= 1)[None, :]
     return np.where(seen, out, 0).astype(np.float32)
+
+
+def area_shares(n, edges):
+    """(n, cells) matrix: the share of each cell [edges[c], edges[c + 1]) that falls in pixel [i, i + 1) of a
+    line of n pixels. A column sums to 1 for a cell inside [0, n]."""
+    edges = np.asarray(edges, np.float64)
+    lo, hi, px = edges[None, :-1], edges[None, 1:], np.arange(n)[:, None]
+    return np.clip(np.minimum(px + 1, hi) - np.maximum(px, lo), 0, None) / (hi - lo)
+
+
+def spread_grid(grid, orig_hw, data_config):
+    """Carry a grid map (h, w) whose cells cover the model's input back to the original image (H, W) keeping its
+    SUM (simcam): each pixel gets, from every cell it overlaps, the cell's value times the share of the cell's
+    area that the pixel covers (cells located through the eval transform, input_geometry). Every cell lies
+    inside the image, so the map sums to the grid's sum at any size, a multiple of the grid or not; pixels the
+    crop dropped are 0. A sum-keeping map is a density: per pixel, the pixel's part of the cosine."""
+    h, w = orig_hw
+    gh, gw = np.shape(grid)
+    size, (rh, rw), (top, left) = input_geometry(orig_hw, data_config)
+    ey = (np.arange(gh + 1) * size / gh + top) * h / rh  # cell edges in original pixels
+    ex = (np.arange(gw + 1) * size / gw + left) * w / rw
+    out = area_shares(h, ey) @ np.asarray(grid, np.float64) @ area_shares(w, ex).T
+    return out.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- faithfulness
@@ -436,7 +499,7 @@ def pick_queries(args, image_ids):
         missing = [q for q in args.query_ids if q not in where]
         if missing:
             raise ValueError(f"--query-ids {missing} are not in --test-image-list {args.test_image_list} "
-                             f"(ids are filename stems, e.g. {image_ids[0]})")
+                             f"(ids as in the list's outputs, e.g. {image_ids[0]})")
         return np.array([where[q] for q in args.query_ids], np.int64)
     n = min(args.num_queries, len(image_ids))
     return np.sort(np.random.default_rng(args.seed).choice(len(image_ids), n, replace=False))
@@ -497,14 +560,17 @@ def plot_query(path, query, results, method, ood_note=None):
     im = None
     for j, r in enumerate(results):
         col = "green" if r["same_label"] else "red"
-        im = show(axes[0, j + 1], r["image"], r["result_map"], f"{j + 1}: {r['id']}\n{r['label']}  s = {r['similarity']:.3f}",
-                  col, r.get("finding"))
+        tag = "\nSAME PATIENT" if r.get("same_patient") else ""  # own line: a panel is ~2 inches wide
+        im = show(axes[0, j + 1], r["image"], r["result_map"],
+                  f"{j + 1}: {r['id']}\n{r['label']}  s = {r['similarity']:.3f}{tag}", col, r.get("finding"))
         show(axes[1, j + 1], query["image"], r["query_map"], f"query, toward result {j + 1}", col, qf)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01, label=f"{method} (share of max)")
     fig.suptitle(f"{method}: where the similarity comes from (top: each result, query fixed; bottom: the query, "
                  "result fixed); green = same label, red = not" + ("; white = known finding" if any(
-                     x.get("finding") is not None for x in [query] + list(results)) else ""), fontsize=8)
+                     x.get("finding") is not None for x in [query] + list(results)) else "")
+                 + ("; SAME PATIENT = the query's own patient" if any(r.get("same_patient") for r in results)
+                    else ""), fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -516,7 +582,11 @@ def run(args):
     from model import compute_embeddings, get_transform, load_checkpoint, read_checkpoint
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.resume, map_location=device)
-    cfg = model.data_config
+    cfg = getattr(model, "data_config", None)
+    if cfg is None:  # a learned fusion head (train_fusion.py) takes embeddings, not images
+        raise CheckpointError(f"--resume {args.resume} holds model '{ckpt.get('model_name')}', which embeds "
+                              "other embeddings, not images; explain.py needs an image model's checkpoint "
+                              "written by train.py")
     size = int(cfg["img_size"])
     how = check_method(model, args.method, size, args)
     ood_ref = None
@@ -528,13 +598,15 @@ def run(args):
     transform = get_transform(model)
     qdir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
     query_ds = ImageListDataset(args.test_image_list, qdir, dataset=args.dataset, transform=transform,
-                                class_names=names)
+                                class_names=names, cache_dir=args.cache_dir)
     gallery_ds = query_ds
     if args.gallery_image_list is not None:
         gdir = args.gallery_dataset_dir or train_image_dir(args.dataset_dir)
         gallery_ds = ImageListDataset(args.gallery_image_list, gdir, dataset=args.dataset, transform=transform,
-                                      class_names=names)
+                                      class_names=names, cache_dir=args.cache_dir)
     loo = gallery_ds is query_ds
+    for ds in {id(d): d for d in (query_ds, gallery_ds)}.values():  # maps and figures are named by image id
+        ds.check_unique_ids()
     queries = pick_queries(args, query_ds.image_ids)
     cand, _ = metrics.candidate_counts(query_ds.labels, None if loo else gallery_ds.labels, query_ds.patient_ids,
                                        gallery_ds.patient_ids, args.exclude_same_patient)
@@ -562,6 +634,10 @@ def run(args):
     if ood_ref is not None:
         ood_scores, ood_flags = ood.score_queries(ood_ref, qemb[queries])
 
+    if args.method in CAM_METHODS:  # one pair first: a saliency-library failure stops the run before any write
+        first = ranking.indices[queries[0], 0]
+        cam_maps(model, how, args.method, gallery_ds[first][0][None].to(device),
+                 torch.as_tensor(qemb[queries[:1]], device=device), args.batch_size)
     save = ensure_writable_dir(args.save_dir)
     remove_previous_outputs(save)
     (save / "maps").mkdir(exist_ok=True)
@@ -576,15 +652,16 @@ def run(args):
         # both sides at once: results toward the query, then the query toward each result
         imgs = torch.cat([rimgs, qimg[None].expand(len(gis), -1, -1, -1)])
         refs = torch.cat([eq[None].expand(len(gis), -1), er])
-        branch = {}
+        branch, grids = {}, None
         t1 = time.time()
         if args.method in CAM_METHODS:
             maps, branch = cam_maps(model, how, args.method, imgs, refs, args.batch_size)
         elif args.method == "sbsm":
             maps = np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size)
                              for x, r in zip(imgs, refs)])
-        elif args.method == "simcam":
-            maps = np.stack([simcam_map(how, x, r)[1] for x, r in zip(imgs, refs)])
+        elif args.method == "simcam":  # the grids are carried back by area (spread_grid): the sums stay exact
+            grids, maps = zip(*[simcam_map(how, x, r) for x, r in zip(imgs, refs)])
+            maps = np.stack(maps)
         else:
             maps = np.stack([random_map((size, size), np.random.default_rng([args.seed, int(qi), j]))
                              for j in range(len(imgs))])
@@ -592,18 +669,21 @@ def run(args):
         t_maps += time.time() - t1
         qid = query_ds.image_ids[qi]
         qhw = image_size(query_ds.paths[qi])
+        qpatient = query_ds.patient_ids[qi]
         shown = []
         for j, gi in enumerate(gis):
             rid = gallery_ds.image_ids[gi]
             rhw = image_size(gallery_ds.paths[gi])
             entry = {"query_id": qid, "query_label": names[query_ds.labels[qi]], "rank": j + 1, "result_id": rid,
                      "result_label": names[gallery_ds.labels[gi]], "similarity": float(ranking.sims[qi, j]),
-                     "same_label": bool(ranking.relevant[qi, j])}
+                     "same_label": bool(ranking.relevant[qi, j]),
+                     # always recorded: without --exclude-same-patient the query's own patient can be a result
+                     "same_patient": bool(gallery_ds.patient_ids[gi] == qpatient)}
             if ood_ref is not None:
                 entry["query_ood_score"], entry["query_ood_flagged"] = float(ood_scores[qn]), bool(ood_flags[qn])
             full = {}
-            for side, m, hw in (("result", maps[j], rhw), ("query", maps[len(gis) + j], qhw)):
-                full[side] = map_to_original(m, hw, cfg)
+            for side, k, hw in (("result", j, rhw), ("query", len(gis) + j, qhw)):
+                full[side] = map_to_original(maps[k], hw, cfg) if grids is None else spread_grid(grids[k], hw, cfg)
                 rel = f"maps/{qid}__{j + 1}_{rid}__{side}.npy"
                 atomic_np_save(save / rel, full[side])
                 entry[f"{side}_map"] = rel
@@ -638,7 +718,7 @@ def run(args):
             pairs.append(entry)
             rand_rows.append(rnd)
             shown.append({"id": rid, "label": entry["result_label"], "similarity": entry["similarity"],
-                          "same_label": entry["same_label"],
+                          "same_label": entry["same_label"], "same_patient": entry["same_patient"],
                           "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
                           "result_map": full["result"], "query_map": full["query"],
                           "finding": None if truth is None else truth.get(rid)})
@@ -650,13 +730,16 @@ def run(args):
                     "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
                     "finding": None if truth is None else truth.get(qid)},
                    shown, args.method, note)
-        print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained")
+        own = [str(j + 1) for j, r in enumerate(shown) if r["same_patient"]]
+        print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained"
+              + (f"; rank {', '.join(own)} = the query's own patient ({qpatient})" if own else ""))
     elapsed = time.time() - t0
 
     res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
            "checkpoint": str(args.resume), "model_name": ckpt["model_name"], "git_revision": git_revision(),
            "method": args.method, "input_size": size, "resize_mode": cfg["resize_mode"],
            "num_queries": int(len(queries)), "num_pairs": len(pairs), "seconds": elapsed,
+           "same_patient_pairs": sum(p["same_patient"] for p in pairs),
            # the maps alone (both sides of each pair), without scoring, saving and figures
            "map_seconds": t_maps, "pairs_per_second": len(pairs) / t_maps if t_maps > 0 else None,
            "maps_per_pair": n_maps / max(len(pairs), 1), "device": str(device)}
@@ -702,8 +785,13 @@ def main(args):
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        print(f"explain.py: error: {e}", file=sys.stderr)
+        # a checkpoint's message may quote a multi-line loader error: one line all the same
+        msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else e
+        print(f"explain.py: error: {msg}", file=sys.stderr)
         return 2
+    except SaliencyError as e:  # the saliency library failed mid-run: one line, not its traceback
+        print(f"explain.py: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -443,3 +443,150 @@ def test_any_timm_model_with_a_spatial_map(name):
         refs = m(torch.randn(2, 3, 64, 64))
     maps, _ = E.cam_maps(m, spec, "gradcam", torch.randn(2, 3, 64, 64), refs)
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and maps.max() > 0
+
+
+# --------------------------------------------------------------------------- issue 19
+
+def frozen_and_trainable_twins():
+    """(frozen backbone + trainable head, the same weights all trainable, input size) for a timm model and for
+    ConceptCLIP with its head."""
+    import copy
+    kw = dict(backbone="test_resnet", pretrained=False, use_mxa=False, embedding_dim=8, img_size=48)
+    frozen = M.build_model("timm", freeze_backbone=True, **kw).eval()
+    free = M.build_model("timm", freeze_backbone=False, **kw).eval()
+    free.load_state_dict(frozen.state_dict())
+    clip, _ = conceptclip_like()
+    clip.head, clip.embedding_dim = nn.Linear(8, 4), 4  # frozen tower, trainable head (--conceptclip-head)
+    clip_free = copy.deepcopy(clip)
+    clip_free.frozen = False
+    clip_free.clip.requires_grad_(True)
+    return [(frozen, free, 48), (clip, clip_free, 54)]
+
+
+@pytest.mark.parametrize("method", list(E.CAM_METHODS))
+def test_cam_map_of_a_frozen_backbone_equals_the_trainable_twins(method):
+    for frozen, free, s in frozen_and_trainable_twins():
+        assert any(p.requires_grad for p in frozen.parameters())  # the head trains
+        q, r = pair(s)
+        with torch.no_grad():
+            eq = frozen(q[None])[0]
+        before = [p.requires_grad for p in frozen.parameters()]
+        a, _ = E.cam_maps(frozen, M.explain_layers(frozen), method, r[None], eq[None])
+        b, _ = E.cam_maps(free, M.explain_layers(free), method, r[None], eq[None])
+        assert np.isfinite(a).all() and a.max() > 0
+        assert np.allclose(a, b, atol=1e-5)  # d cos / d activation does not depend on which weights train
+        assert [p.requires_grad for p in frozen.parameters()] == before and frozen.frozen
+
+
+def test_a_saliency_library_failure_is_one_line(ckpt, demo_data, tmp_path, capsys, monkeypatch):
+    from pytorch_grad_cam.base_cam import BaseCAM
+
+    def broken(self, *a, **k):
+        raise AttributeError("'NoneType' object has no attribute 'shape'")
+
+    monkeypatch.setattr(BaseCAM, "compute_cam_per_layer", broken)
+    assert E.main(base_args(ckpt, demo_data, tmp_path / "out", "--method", "gradcam++")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--method gradcam++" in err and "backbone.layer4" in err
+    assert "AttributeError" in err and not (tmp_path / "out").exists()  # found before anything was written
+
+
+def test_spread_grid_by_hand_and_keeps_the_sum():
+    # 2 cells onto 3 pixels: pixel 0 takes 2/3 of cell 0, pixel 1 a third of each, pixel 2 2/3 of cell 1
+    a = np.array([[2 / 3, 0], [1 / 3, 1 / 3], [0, 2 / 3]])
+    grid = np.array([[1.0, 2.0], [3.0, -4.0]])
+    out = E.spread_grid(grid, (3, 3), {"img_size": 3, "resize_mode": "squash"})
+    assert np.allclose(out, a @ grid @ a.T) and out.sum() == pytest.approx(grid.sum())
+    g = np.random.default_rng(0).standard_normal((3, 5))
+    for hw in ((40, 61), (61, 40), (7, 9)):
+        for mode in ("crop", "squash"):
+            out = E.spread_grid(g, hw, {"img_size": 32, "resize_mode": mode})
+            assert out.shape == hw and out.sum() == pytest.approx(g.sum(), abs=1e-5)
+    # crop: 40 x 61 resized to 36 x 54, crop rows 2..33, columns 11..42 = original y in [2.22, 37.78), x in
+    # [12.43, 48.57): the rest is 0
+    out = E.spread_grid(g, (40, 61), {"img_size": 32, "resize_mode": "crop"})
+    assert np.all(out[:, :12] == 0) and np.all(out[:, 49:] == 0) and np.all(out[:2] == 0) and np.all(out[38:] == 0)
+    assert np.all(out[2:38, 12:49] != 0)
+
+
+def test_simcam_input_map_sums_to_the_cosine_off_the_grid():
+    torch.manual_seed(0)
+    conv, proj = nn.Conv2d(3, 6, 7, stride=7), nn.Linear(6, 4)
+    x, ref = torch.randn(3, 30, 30), F.normalize(torch.randn(4), dim=0)  # 30 px onto a 4 x 4 grid
+    with torch.no_grad():
+        cos = float(ref @ F.normalize(proj(conv(x[None]).mean(dim=(2, 3)))[0], dim=0))
+    grid, up = E.simcam_map((conv, proj.weight, proj.bias), x, ref)
+    assert grid.shape == (4, 4) and up.shape == (30, 30)
+    assert grid.sum() == pytest.approx(cos, abs=1e-6) and up.sum() == pytest.approx(cos, abs=1e-5)
+
+
+def test_main_simcam_saved_maps_sum_to_the_cosine(demo_data, tmp_path):
+    m = M.build_model("timm", backbone="test_resnet", pretrained=False, use_mxa=False, embedding_dim=8, img_size=45)
+    feature_map = M.linear_gap_head(m)[0]
+    with torch.no_grad():
+        assert feature_map(torch.zeros(1, 3, 45, 45)).shape[-1] == 2  # 45 px is not a multiple of the grid
+    torch.save(M.make_checkpoint(m), tmp_path / "r45.pth")
+    out = tmp_path / "out"
+    assert E.main(base_args(tmp_path / "r45.pth", demo_data, out, "--method", "simcam")) == 0
+    for p in json.loads((out / "explain.json").read_text())["pairs"]:
+        for side in ("result_map", "query_map"):
+            a = np.load(out / p[side])
+            assert a.shape == (64, 64) and float(a.sum()) == pytest.approx(p["similarity"], abs=1e-4)
+
+
+def test_main_uses_the_image_cache(ckpt, demo_data, tmp_path, monkeypatch):
+    import dataset
+    cache = tmp_path / "cache"
+    args = base_args(ckpt, demo_data, tmp_path / "a", "--method", "random", "--cache-dir", str(cache))
+    assert E.main(args) == 0
+    n = len((demo_data / "test_split.txt").read_text().splitlines())
+    assert len(list(cache.rglob("*.npy"))) == n  # every image decoded once into the cache
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} decoded although it is cached")
+
+    monkeypatch.setattr(dataset, "load_image", no_decoding)  # the cache's only way to the source images
+    args = base_args(ckpt, demo_data, tmp_path / "b", "--method", "random", "--cache-dir", str(cache))
+    assert E.main(args) == 0
+    a, b = (json.loads((tmp_path / d / "explain.json").read_text())["pairs"] for d in "ab")
+    assert [p["similarity"] for p in a] == [p["similarity"] for p in b]
+
+
+def test_results_of_the_querys_own_patient_are_marked(ckpt, demo_data, tmp_path, capsys):
+    import shutil
+    d = tmp_path / "data"
+    (d / "test").mkdir(parents=True)
+    lines = (demo_data / "test_split.txt").read_text().splitlines()[:6]
+    rows = []
+    for n, line in enumerate(lines):  # every image its own patient, except the query and its exact copy
+        _, fname, label, src = line.split()
+        shutil.copy(demo_data / "test" / fname, d / "test" / fname)
+        rows.append(f"{'p0' if n == 0 else f'u{n}'} {fname} {label} {src}")
+    query, label = lines[0].split()[1], lines[0].split()[2]
+    shutil.copy(demo_data / "test" / query, d / "test" / "copy.png")
+    rows.append(f"p0 copy.png {label} demo")
+    (d / "test_split.txt").write_text("\n".join(rows) + "\n")
+    args = base_args(ckpt, d, tmp_path / "out", "--method", "random", "--query-ids", query[:-4])
+    assert E.main(args) == 0
+    res = json.loads((tmp_path / "out" / "explain.json").read_text())
+    # the copy is rank 1 (cosine 1) and the query's patient; rank 2 is another patient
+    assert [(p["result_id"], p["same_patient"]) for p in res["pairs"]] == [("copy", True), (res["pairs"][1]["result_id"], False)]
+    assert res["pairs"][1]["result_id"] != "copy" and res["same_patient_pairs"] == 1
+    assert "rank 1 = the query's own patient (p0)" in capsys.readouterr().out
+
+
+def test_a_fusion_checkpoint_is_refused_in_one_line(demo_data, tmp_path, capsys):
+    fusion = M.build_model("fusion", backbone="fusion-concat:4,4", embedding_dim=4)
+    torch.save(M.make_checkpoint(fusion), tmp_path / "fusion.pth")
+    out = tmp_path / "never"
+    assert E.main(base_args(tmp_path / "fusion.pth", demo_data, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fusion" in err and "fusion.pth" in err
+    assert not out.exists()
+
+
+def test_help_states_each_default_once():
+    import re
+    text = " ".join(E.get_args_parser().format_help().split())
+    assert not re.search(r"\(default[^)]*\) \(default", text)
+    assert "(default: cuda when available)" in text and "(default: 5)" in text
