@@ -6,8 +6,12 @@ Checks every pair of lists (train, val, test, gallery) and, within the test list
   same_stem       file names equal but for case and extension (x.png, X.jpeg): one image exported twice
   identical_bytes byte-identical image files (SHA-256 of the file), whatever their names
   phash           near-duplicates: Hamming distance of 64-bit perceptual hashes (imagehash.phash) <= --phash-threshold
-  cosine          near-duplicates: embedding cosine >= --cosine-threshold (with --resume CKPT, or --embeddings-dir EMB,
-                  which also works with --no-images)
+  cosine          near-duplicates: embedding cosine >= --cosine-threshold AND 1 - cos <= --cosine-calibration (0.1)
+                  x the median 1 - cos from an image to its nearest image of another patient (the smaller list's
+                  images; a metric-learning embedding pulls a class together, so the threshold alone calls
+                  different patients of one class copies); each image's --cosine-k nearest, searched from both
+                  lists (with --resume CKPT, or --embeddings-dir EMB, which also works with --no-images)
+pHash pairs are images that look alike: copies, or different films that look alike (one template or protocol).
 Pairs within the test list are reported when the two images carry different patient ids (same-patient pairs are
 removed by --exclude-same-patient already). Hash candidates are found by multi-index hashing (--hash-search mih:
 the 64 bits split into m blocks; a pair within distance t agrees within t // m bits on at least one block),
@@ -30,8 +34,11 @@ Commands:
     CUDA_VISIBLE_DEVICES="" python audit_data.py --resume CKPT ... --device cpu
 
 Writes SAVE_DIR/audit.json (arguments, thresholds, counts per check and list pair, shared patient ids, skipped
-images), near_duplicates.csv (one row per pair and method) and closest_pairs.png (the closest cross-split pairs
-side by side); nothing is replaced without --overwrite. Missing images stop the run before any work (the list and
+images, the cosine calibration), near_duplicates.csv (one row per pair and method, with a note on what a
+pHash or cosine match means) and closest_pairs.png (the pairs that remove test images, methods taking turns,
+"N of M shown"); nothing is replaced without --overwrite, and no file the run reads is ever the clean list. When
+the cosine check calls more than --max-cosine-share (10%) of a list copies the run warns, and the clean list is
+not written (exit 1) unless --max-cosine-share 1. Missing images stop the run before any work (the list and
 the first paths are named); unreadable images are listed, skipped, and counted in audit.json.
 """
 import argparse
@@ -40,6 +47,7 @@ import hashlib
 import io
 import itertools
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +67,11 @@ HASH_BITS = 64
 DEFAULT_PHASH_THRESHOLD = 8
 DEFAULT_COSINE_THRESHOLD = 0.98
 METHODS = ("same_file", "same_stem", "identical_bytes", "phash", "cosine")
+# what a match means, printed and written beside the pairs (near_duplicates.csv, audit.json)
+NOTES = {"phash": "pHash pairs look alike: a copy, or a different image that looks alike (films from one template "
+                  "or protocol); look at closest_pairs.png before removing",
+         "cosine": "cosine pairs: cos >= --cosine-threshold and 1 - cos within the calibrated copy distance "
+                   "(audit.json cosine_calibration); an embedding can still put different images this close"}
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -240,28 +253,81 @@ def exact_pairs(keys_a, keys_b, same):
     return np.array(pairs, np.int64).reshape(-1, 2)
 
 
-def cosine_pairs(ea, eb, threshold, k, same):
-    """(i, j, 1 - cos) of each row's k nearest rows with cosine >= threshold (metrics.knn_search, exact)."""
+def cosine_candidates(ea, eb, k, same):
+    """(i, j, cos) of every pair in which one image is among the other's k nearest (metrics.knn_search, exact).
+
+    Two lists are searched both ways and the pairs united: an image with more than k copies on the other side
+    hides none of them, as each copy finds it. Within one list each pair appears once, as (smaller, larger).
+    The cosine is recomputed in float64 from the pair's own two rows, so it belongs to that pair whichever
+    side found it."""
     import metrics
-    if len(ea) == 0 or len(eb) == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0)
-    g = ea if same else eb
-    k = min(k, len(g) - (1 if same else 0))
-    if k < 1:
-        return np.zeros((0, 2), np.int64), np.zeros(0)
-    sims, idx = metrics.knn_search(ea, g, k, exclude_self=same)
-    i, c = np.nonzero(sims >= threshold)
-    j = idx[i, c]
-    if same:  # each pair once, as (smaller, larger)
+    none = np.zeros(0, np.int64)
+
+    def one_way(q, g, exclude_self):  # every (query row, neighbour row) of q's k nearest in g
+        kk = min(k, len(g) - (1 if exclude_self else 0))
+        if kk < 1 or len(q) == 0:
+            return none, none
+        _, idx = metrics.knn_search(q, g, kk, exclude_self=exclude_self)
+        return np.repeat(np.arange(len(q)), kk), idx.ravel().astype(np.int64)
+
+    if same:
+        i, j = one_way(ea, ea, True)
         i, j = np.minimum(i, j), np.maximum(i, j)
-    key, first = np.unique(i * np.int64(len(g)) + j, return_index=True)
-    return np.stack([i[first], j[first]], 1), 1.0 - sims[i, c][first].astype(np.float64)
+    else:
+        (i1, j1), (j2, i2) = one_way(ea, eb, False), one_way(eb, ea, False)
+        i, j = np.concatenate([i1, i2]), np.concatenate([j1, j2])
+    n_b = len(ea) if same else len(eb)
+    key = np.unique(i * np.int64(max(n_b, 1)) + j)  # sorted by (i, j), each pair once
+    i, j = key // max(n_b, 1), key % max(n_b, 1)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    ua = unit(np.asarray(ea, np.float64))
+    ub = ua if same else unit(np.asarray(eb, np.float64))
+    return i, j, np.einsum("nd,nd->n", ua[i], ub[j])
+
+
+def nearest_other_patient(i, j, dist, pid_a, pid_b, same):
+    """The calibration's reference: each image's smallest 1 - cos to an image of another patient among its
+    candidate pairs (its k nearest), for the smaller list's images (every image within one list); images whose
+    k nearest are all of their own patient give none."""
+    other = pid_a[i] != pid_b[j]
+    best_a, best_b = np.full(len(pid_a), np.inf), np.full(len(pid_b), np.inf)
+    np.minimum.at(best_a, i[other], dist[other])
+    np.minimum.at(best_b, j[other], dist[other])
+    best = np.minimum(best_a, best_b) if same else (best_a if len(pid_a) <= len(pid_b) else best_b)
+    return best[np.isfinite(best)]
+
+
+def cosine_copies(ea, eb, pid_a, pid_b, args, same):
+    """(i, j, 1 - cos) of the embedding copies of a list pair and what decided them (audit.json).
+
+    A copy needs cos >= --cosine-threshold AND 1 - cos <= --cosine-calibration x the median reference distance
+    (nearest_other_patient). A metric-learning embedding pulls a class together, so different patients of one
+    class sit far above a fixed cosine threshold; a copy of one image should be far closer than the typical
+    nearest distinct image of this embedding. The median is the reference because copies, even many, do not
+    move it unless they are half of the images."""
+    i, j, cos = cosine_candidates(ea, eb, args.cosine_k, same)
+    dist = 1.0 - cos
+    ref = nearest_other_patient(i, j, dist, pid_a, pid_b, same)
+    median = float(np.median(ref)) if len(ref) else None
+    cut = 1.0 - args.cosine_threshold
+    if args.cosine_calibration > 0 and median is not None:
+        cut = min(cut, args.cosine_calibration * median)
+    near = cos >= args.cosine_threshold
+    if same:  # one patient's images within a list are no leak: neither reported nor counted
+        near &= pid_a[i] != pid_b[j]
+    copy = near & (dist <= cut)
+    info = {"pairs_over_threshold": int(near.sum()), "copies": int(copy.sum()),
+            "rejected_by_calibration": int((near & ~copy).sum()), "reference_images": len(ref),
+            "reference_median_distance": median, "max_copy_distance": float(cut),
+            "calibrated": bool(args.cosine_calibration > 0 and median is not None)}
+    return i[copy], j[copy], dist[copy], info
 
 
 def audit_pair(la, lb, args):
-    """Rows (method, i, j, distance) of one list pair (la is lb: within one list, different patients only)."""
+    """Rows (method, i, j, distance) of one list pair (la is lb: within one list, different patients only) and
+    the cosine calibration (None without embeddings)."""
     same = la is lb
-    rows = []
+    rows, calibration = [], None
     if not same:
         for i, j in exact_pairs(la.ds.filenames, lb.ds.filenames, False):
             rows.append(("same_file", i, j, 0.0))
@@ -280,25 +346,26 @@ def audit_pair(la, lb, args):
         rows += [("phash", ia[x], (ia if same else ib)[y], float(z)) for x, y, z in zip(i, j, d)]
     if la.embeddings is not None:  # unreadable images have no embedding: searched without them
         ia, ib = np.flatnonzero(la.readable), np.flatnonzero(lb.readable)
-        ea = la.embeddings[ia]
-        pairs, d = cosine_pairs(ea, ea if same else lb.embeddings[ib], args.cosine_threshold, args.cosine_k, same)
-        rows += [("cosine", ia[i], (ia if same else ib)[j], float(z)) for (i, j), z in zip(pairs, d)]
+        jb = ia if same else ib
+        i, j, d, calibration = cosine_copies(la.embeddings[ia], lb.embeddings[jb], np.asarray(la.ds.patient_ids)[ia],
+                                             np.asarray(lb.ds.patient_ids)[jb], args, same)
+        rows += [("cosine", ia[x], jb[y], float(z)) for x, y, z in zip(i, j, d)]
     if same:
         pid = la.ds.patient_ids
         rows = [r for r in rows if pid[r[1]] != pid[r[2]]]
-    return rows
+    return rows, calibration
 
 
 def run_audit(lists, args, checks=METHODS):
-    """Counts, shared patients and pair rows for every list pair and within the test list."""
+    """Counts, shared patients, pair rows and cosine calibration for every list pair and within the test list."""
     names = [n for n in LISTS if n in lists]
     pairs = [(lists[a], lists[b]) for a, b in itertools.combinations(names, 2)]
     if "test" in lists:
         pairs.append((lists["test"], lists["test"]))
-    counts, shared, rows = {}, {}, []
+    counts, shared, rows, calibration = {}, {}, [], {}
     for la, lb in pairs:
         key = f"{la.name}-{lb.name}" if la is not lb else f"within-{la.name}"
-        found = audit_pair(la, lb, args)
+        found, calibration[key] = audit_pair(la, lb, args)
         c = {m: len({(i, j) for mm, i, j, _ in found if mm == m}) for m in METHODS if m in checks}
         if la is not lb:
             pats = sorted(set(la.ds.patient_ids) & set(lb.ds.patient_ids))
@@ -309,7 +376,7 @@ def run_audit(lists, args, checks=METHODS):
         c["images_with_a_copy"] = {la.name: len(copies_a), **({lb.name: len(copies_b)} if la is not lb else {})}
         counts[key] = c
         rows += [(la, i, lb, j, m, d) for m, i, j, d in found]
-    return counts, shared, rows
+    return counts, shared, rows, calibration
 
 
 def clean_list_lines(list_file, drop_files):
@@ -322,32 +389,64 @@ def clean_list_lines(list_file, drop_files):
     return kept, removed
 
 
-def draw_pairs(rows, path, n):
-    """The n closest cross-list image pairs side by side, titled with list, file and distance."""
+def figure_pairs(rows, n):
+    """The image pairs closest_pairs.png draws: (up to n pairs, how many there are, whether they remove images).
+
+    The pairs that remove test images from --write-clean-list (a test image and a copy in train, val or gallery),
+    else the other cross-list pairs. One entry per image pair, (list a, i, list b, j, [(method, distance)]);
+    methods take turns (exact, pHash, cosine), each closest first, so that every method that removed an image is
+    seen even when one method has many pairs."""
+    rank = {"same_file": 0, "same_stem": 0, "identical_bytes": 0, "phash": 1, "cosine": 2}
+    pairs = {}
+    for la, i, lb, j, m, d in rows:
+        if la is not lb and la.errors.get(i) is None and lb.errors.get(j) is None:
+            pairs.setdefault((la.name, i, lb.name, j), (la, i, lb, j, []))[4].append((m, d))
+    removes = lambda k: "test" in (k[0], k[2]) and {k[0], k[2]} & set(TRAIN_SIDE)  # noqa: E731
+    keys = [k for k in pairs if removes(k)]
+    removal = bool(keys)
+    keys = keys if removal else list(pairs)
+    queues = {}
+    for k in keys:
+        for m, d in pairs[k][4]:
+            queues.setdefault(rank[m], []).append((d, k))
+    queues = [sorted(q) for _, q in sorted(queues.items())]
+    chosen, seen = [], set()
+    while len(chosen) < min(n, len(keys)):
+        for q in queues:
+            while q and q[0][1] in seen:
+                q.pop(0)
+            if q and len(chosen) < n:
+                seen.add(q[0][1])
+                chosen.append(pairs[q.pop(0)[1]])
+    return chosen, len(keys), removal
+
+
+def _method_text(m, d):
+    return f"pHash {int(d)} bits" if m == "phash" else (f"cosine 1-cos {d:.2g}" if m == "cosine" else m)
+
+
+def draw_pairs(rows, path, n, rule):
+    """figure_pairs' pairs side by side: list, file and patient of each image, every method with its distance,
+    a title naming what is shown, "N of M shown" and the rule (`rule`: thresholds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    order = {"same_file": 0, "same_stem": 0, "identical_bytes": 0, "phash": 1, "cosine": 2}
-    cross = [r for r in rows if r[0] is not r[2] and r[0].errors.get(r[1]) is None and r[2].errors.get(r[3]) is None]
-    cross.sort(key=lambda r: (order[r[4]], r[5]))
-    seen, chosen = set(), []
-    for r in cross:
-        if (id(r[0]), r[1], id(r[2]), r[3]) not in seen:
-            seen.add((id(r[0]), r[1], id(r[2]), r[3]))
-            chosen.append(r)
-        if len(chosen) == n:
-            break
-    fig, axes = plt.subplots(max(len(chosen), 1), 2, figsize=(6, 3 * max(len(chosen), 1)), squeeze=False)
+    chosen, total, removal = figure_pairs(rows, n)
+    what = ("pairs that remove test images (a copy in train/val/gallery)" if removal
+            else "cross-list pairs (no test image has a copy on the training side)")
+    fig, axes = plt.subplots(max(len(chosen), 1), 2, figsize=(7, 3 * max(len(chosen), 1) + 0.8), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     if not chosen:
-        axes[0, 0].text(0, 0.5, "no cross-split pairs found", fontsize=12)
-    for row, (la, i, lb, j, m, d) in zip(axes, chosen):
+        axes[0, 0].text(0, 0.5, "no cross-list pairs found", fontsize=12)
+    for row, (la, i, lb, j, found) in zip(axes, chosen):
         for ax, lst, k in ((row[0], la, i), (row[1], lb, j)):
             ax.imshow(load_image(lst.ds.paths[k]).convert("L"), cmap="gray")
-            ax.set_title(f"{lst.name}: {lst.ds.filenames[k][:28]}", fontsize=7)
-        dist = f"{int(d)} bits" if m == "phash" else (f"1-cos {d:.4f}" if m == "cosine" else "0")
-        row[0].text(1.02, -0.08, f"{m}: {dist}", transform=row[0].transAxes, ha="center", fontsize=8)
+            ax.set_title(f"{lst.name}: {lst.ds.filenames[k][:28]}\npatient {lst.ds.patient_ids[k]}", fontsize=7)
+        row[0].text(1.05, -0.1, "; ".join(_method_text(m, d) for m, d in found), transform=row[0].transAxes,
+                    ha="center", fontsize=8)
+    fig.suptitle(f"closest_pairs: {what}\n{len(chosen)} of {total} shown; {rule}\n"
+                 "pHash pairs may be look-alikes (different films that look alike): judge by eye", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
@@ -421,17 +520,60 @@ def get_args_parser():
     emb.add_argument("--embeddings-dir", type=Path, default=None,
                      help="folder with train.npy, test.npy, ... (one per list) and their _image_ids.npy")
     g.add_argument("--cosine-threshold", type=float, default=DEFAULT_COSINE_THRESHOLD,
-                   help="embedding pairs with cosine >= this are near-duplicates")
-    g.add_argument("--cosine-k", type=int, default=10, help="neighbours checked per image for the cosine check")
+                   help="embedding pairs need cosine >= this (and --cosine-calibration) to be near-duplicates")
+    g.add_argument("--cosine-k", type=int, default=10,
+                   help="neighbours checked per image for the cosine check, searched from both lists of a pair")
+    g.add_argument("--cosine-calibration", type=float, default=0.1,
+                   help="a cosine pair is a copy only if its 1 - cos is also at most this times the median "
+                        "1 - cos from an image to its nearest image of another patient (this embedding's typical "
+                        "distinct neighbour; a metric-learning embedding pulls a class together); 0: threshold alone")
+    g.add_argument("--max-cosine-share", type=float, default=0.1,
+                   help="when the cosine check calls more than this share of a list's images copies, warn, and do "
+                        "not write --write-clean-list (exit 1); 1 writes it anyway")
     g.add_argument("--batch-size", type=int, default=32, help="images per batch when embedding (--resume)")
-    g.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available), for --resume")
-    g.add_argument("--figure-pairs", type=int, default=8, help="closest cross-split pairs drawn in closest_pairs.png")
+    g.add_argument("--device", default=None, help="cuda or cpu for --resume; none given: cuda when available")
+    g.add_argument("--figure-pairs", type=int, default=8,
+                   help="pairs drawn in closest_pairs.png: those that remove test images, methods taking turns")
     g.add_argument("--write-clean-list", type=Path, default=None,
                    help="write the test list without the images that have a copy on the training side here")
     g.add_argument("--save-dir", type=Path, required=True, help="output folder")
     g.add_argument("--seed", type=int, default=0, help="seed (recorded; the audit itself is deterministic)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return p
+
+
+def same_file(a, b):
+    """True when two paths name one file: equal after resolving symlinks, or os.path.samefile (hard links)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): the resolved paths said all there is
+        return False
+
+
+def run_files(args, given):
+    """{flag: path} of every file this run reads or writes besides --write-clean-list."""
+    files = {f"--{n}-image-list": Path(p) for n, p in given.items()}
+    if args.resume is not None:
+        files["--resume"] = args.resume
+    if args.embeddings_dir is not None:
+        from dataset import embedding_sidecars
+        for n in given:
+            npy = args.embeddings_dir / f"{n}.npy"
+            files[f"--embeddings-dir ({npy.name})"] = npy
+            files[f"--embeddings-dir ({embedding_sidecars(npy)['image_ids'].name})"] = \
+                embedding_sidecars(npy)["image_ids"]
+    files.update({f"--save-dir ({n})": args.save_dir / n for n in OUTPUTS})
+    return files
+
+
+def check_clean_list_is_no_input(out, files):
+    """The clean list never replaces a file the run reads or writes, with or without --overwrite."""
+    for flag, path in files.items():
+        if same_file(out, path):
+            raise ValueError(f"--write-clean-list {out} is the same file as {flag} {path}; an input or output of "
+                             "the audit is never replaced (--overwrite does not change that): choose another path")
 
 
 def validate(args):
@@ -454,14 +596,15 @@ def validate(args):
     for flag, path in (("--resume", args.resume), ("--embeddings-dir", args.embeddings_dir)):
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{flag} {path} does not exist")
+    if not 0 <= args.cosine_calibration <= 1 or not 0 <= args.max_cosine_share <= 1:
+        raise ValueError("--cosine-calibration and --max-cosine-share must be in [0, 1]")
     check_writable_dir(args.save_dir)
     existing = [n for n in OUTPUTS if (args.save_dir / n).exists()]
     if args.write_clean_list is not None:
+        check_clean_list_is_no_input(args.write_clean_list, run_files(args, given))
         check_writable_dir(args.write_clean_list.parent, "--write-clean-list")
         if args.write_clean_list.exists():
             existing.append(str(args.write_clean_list))
-        if args.write_clean_list.resolve() == Path(given["test"]).resolve():
-            raise ValueError("--write-clean-list must not be the test list itself")
     if existing and not args.overwrite:
         raise ValueError(f"{', '.join(existing)} already exist in/at the outputs; choose another --save-dir / "
                          f"--write-clean-list or pass --overwrite")
@@ -505,11 +648,20 @@ def run(args):
         model_embeddings(model, lists, args)
     checks = (["patients", "same_file", "same_stem"] + ([] if args.no_images else ["identical_bytes", "phash"])
               + (["cosine"] if any(lst.embeddings is not None for lst in lists.values()) else []))
-    counts, shared, rows = run_audit(lists, args, checks)
+    counts, shared, rows, calibration = run_audit(lists, args, checks)
+    print_calibration(calibration, args)
+    too_many = cosine_shares_over(lists, rows, args.max_cosine_share)
+    refused = None
+    if "test" in too_many and args.write_clean_list is not None:
+        h, t = too_many["test"]
+        refused = (f"--write-clean-list {args.write_clean_list} not written: the cosine check would remove {h} of "
+                   f"{t} test images ({h / t:.0%}), more than --max-cosine-share {args.max_cosine_share:g}; check "
+                   "near_duplicates.csv and closest_pairs.png, then raise --cosine-threshold, lower "
+                   "--cosine-calibration, or pass --max-cosine-share 1 to write it anyway")
 
     ensure_writable_dir(args.save_dir)
     removed = []
-    if args.write_clean_list is not None:
+    if args.write_clean_list is not None and refused is None:
         drop = {lists["test"].ds.filenames[i if la.name == "test" else j]
                 for la, i, lb, j, _, _ in rows
                 if la is not lb and {la.name, lb.name} & {"test"} and {la.name, lb.name} & set(TRAIN_SIDE)}
@@ -529,19 +681,23 @@ def run(args):
                        "cosine_min": args.cosine_threshold, "cosine_k": args.cosine_k},
         "hash_search": args.hash_search,
         "counts": counts, "shared_patients": shared, "skipped_images": skipped,
+        "cosine_calibration": {k: v for k, v in calibration.items() if v is not None},
+        "cosine_share_over_max": {n: {"images_with_a_copy": h, "images": t} for n, (h, t) in too_many.items()},
+        "notes": {m: NOTES[m] for m in ("phash", "cosine") if m in checks},
         "clean_list": (None if args.write_clean_list is None else
-                       {"file": str(args.write_clean_list), "removed_lines": [r.rstrip("\n") for r in removed]}),
+                       {"file": str(args.write_clean_list), "written": refused is None, "refused": refused,
+                        "removed_lines": [r.rstrip("\n") for r in removed]}),
     }
     save_json(report, args.save_dir / "audit.json")
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["list_a", "file_a", "patient_a", "list_b", "file_b", "patient_b", "method", "distance"])
+    w.writerow(["list_a", "file_a", "patient_a", "list_b", "file_b", "patient_b", "method", "distance", "note"])
     for la, i, lb, j, m, d in rows:
         w.writerow([la.name, la.ds.filenames[i], la.ds.patient_ids[i], lb.name, lb.ds.filenames[j],
-                    lb.ds.patient_ids[j], m, f"{int(d)}" if m == "phash" else f"{d:.6g}"])
+                    lb.ds.patient_ids[j], m, f"{int(d)}" if m == "phash" else f"{d:.6g}", NOTES.get(m, "")])
     atomic_write_text(args.save_dir / "near_duplicates.csv", buf.getvalue())
     if not args.no_images:
-        draw_pairs(rows, args.save_dir / "closest_pairs.png", args.figure_pairs)
+        draw_pairs(rows, args.save_dir / "closest_pairs.png", args.figure_pairs, figure_rule(checks, calibration, args))
     elif (args.save_dir / "closest_pairs.png").exists():  # --overwrite of an audit with images: no stale figure
         (args.save_dir / "closest_pairs.png").unlink()
     for key, c in counts.items():
@@ -550,7 +706,50 @@ def run(args):
     print(f"wrote {args.save_dir / 'audit.json'}, near_duplicates.csv ({len(rows)} rows)"
           + ("" if args.no_images else ", closest_pairs.png") + (
               "" if not args.no_images else "; --no-images: no byte or pHash check was made, no figure drawn"))
+    if any(c.get("phash") for c in counts.values()):
+        print(f"note: {NOTES['phash']}")
+    for name, (h, t) in too_many.items():
+        print(f"WARNING: the cosine check calls {h} of {t} {name} images ({h / t:.0%}) copies, more than "
+              f"--max-cosine-share {args.max_cosine_share:g}: this embedding may put distinct images this close",
+              file=sys.stderr)
+    if refused:
+        print(f"audit_data.py: error: {refused}", file=sys.stderr)
+        return 1
     return 0
+
+
+def print_calibration(calibration, args):
+    """One line per list pair: what a cosine copy had to be in this embedding, and what the rule set aside."""
+    for key, c in calibration.items():
+        if c is None:
+            continue
+        ref = ("not calibrated: no image has a neighbour of another patient among its --cosine-k nearest"
+               if c["reference_median_distance"] is None else
+               f"median 1 - cos to the nearest image of another patient {c['reference_median_distance']:.3g} "
+               f"({c['reference_images']} images)")
+        print(f"cosine {key}: {ref}; copy: cos >= {args.cosine_threshold:g} and 1 - cos <= "
+              f"{c['max_copy_distance']:.3g}; {c['copies']} copies, {c['rejected_by_calibration']} pairs over the "
+              "threshold set aside as distinct neighbours")
+
+
+def cosine_shares_over(lists, rows, max_share):
+    """{list: (images with a cosine copy in another list, images)} for the lists over max_share."""
+    hit = {n: set() for n in lists}
+    for la, i, lb, j, m, _ in rows:
+        if m == "cosine" and la is not lb:
+            hit[la.name].add(i)
+            hit[lb.name].add(j)
+    return {n: (len(hit[n]), len(lists[n].ds)) for n in lists if len(hit[n]) > max_share * len(lists[n].ds)}
+
+
+def figure_rule(checks, calibration, args):
+    """The thresholds closest_pairs.png was made with, for its title."""
+    parts = [f"pHash <= {args.phash_threshold} bits"] if "phash" in checks else []
+    cuts = [c["max_copy_distance"] for k, c in calibration.items() if c is not None and not k.startswith("within-")]
+    if cuts:
+        parts.append(f"cosine >= {args.cosine_threshold:g} and 1-cos <= {min(cuts):.2g}"
+                     + ("-" + f"{max(cuts):.2g}" if max(cuts) > min(cuts) else "") + " (calibrated)")
+    return ", ".join(parts)
 
 
 def main(args):

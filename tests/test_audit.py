@@ -137,7 +137,12 @@ def test_main_finds_planted_copies_and_writes_a_clean_list(planted, tmp_path, ca
     # within the test list: copies of different training images are distinct images
     assert rep["counts"]["within-test"]["phash"] == 0
     assert rep["lists"]["test"]["unreadable_skipped"] == 1 and "broken.png" in rep["skipped_images"]["test"][0]
-    assert "1 unreadable images" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "1 unreadable images" in captured.err
+    # pHash pairs may be look-alikes: said on the console, beside each pHash row and in audit.json
+    assert "different image that looks alike" in captured.out
+    assert all("looks alike" in r["note"] for r in rows if r["method"] == "phash")
+    assert "looks alike" in rep["notes"]["phash"]
     kept = clean.read_text().splitlines()
     assert [line for line in test_list.read_text().splitlines() if line not in kept] == planted_lines
     assert rep["clean_list"]["removed_lines"] == planted_lines
@@ -256,3 +261,176 @@ def test_list_only_checks_by_hand(tmp_path):
     # copies on the training side (train and val): b.png, C.png; the shared patient's x.png stays
     assert rep["clean_list"]["removed_lines"] == ["q2 b.png normal", "q3 C.png normal"]
     assert clean.read_text() == "p1 x.png normal\nq4 d.png normal\nq5 d.jpg normal\np1 y.png normal\n"
+
+
+# ----------------------------------------------------------------------------- the clean list never replaces an input
+
+def test_clean_list_never_replaces_an_input(tmp_path, capsys):
+    train, val, test = tmp_path / "train.txt", tmp_path / "val.txt", tmp_path / "test.txt"
+    train.write_text("p1 a.png normal\np2 b.png normal\n")
+    val.write_text("p3 v.png normal\n")
+    test.write_text("q1 b.png normal\nq2 c.png normal\n")  # b.png: a copy, so a clean list has lines to write
+    link = tmp_path / "link.txt"
+    link.symlink_to(val)
+    before = {p: p.read_bytes() for p in (train, val, test)}
+    for out, flag in ((train, "--train-image-list"), (link, "--val-image-list"),
+                      (tmp_path / "sub" / ".." / "test.txt", "--test-image-list")):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert run_audit("--no-images", "--train-image-list", train, "--val-image-list", val, "--test-image-list",
+                         test, "--write-clean-list", out, "--overwrite", "--save-dir", tmp_path / "audit") == 2
+        err = capsys.readouterr().err
+        assert f"is the same file as {flag}" in err and err.count("\n") == 1
+        assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "audit").exists()
+
+
+# ----------------------------------------------------------------------------- cosine pairs from embeddings by hand
+
+def _embedding_audit(tmp_path, x_train, x_test, *flags):
+    """Lists of one image per patient (t0.., s0..), --embeddings-dir with the given rows, --no-images; (rc, dir)."""
+    from dataset import ImageListDataset
+    train, test, emb = tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "emb"
+    train.write_text("".join(f"p{k} t{k}.png normal\n" for k in range(len(x_train))))
+    test.write_text("".join(f"q{k} s{k}.png normal\n" for k in range(len(x_test))))
+    emb.mkdir()
+    for name, lst, x in (("train", train, x_train), ("test", test, x_test)):
+        np.save(emb / f"{name}.npy", np.asarray(x, np.float32))
+        np.save(emb / f"{name}_image_ids.npy", np.array(ImageListDataset(lst, Path("."), check_files=False).image_ids))
+    out = tmp_path / "audit"
+    rc = run_audit("--no-images", "--train-image-list", train, "--test-image-list", test, "--embeddings-dir", emb,
+                   "--save-dir", out, *flags)
+    return rc, out
+
+
+def _cosine_rows(out, list_a, list_b):
+    """{(stem a, stem b): 1 - cos} of near_duplicates.csv's cosine rows between two lists."""
+    return {(Path(r["file_a"]).stem, Path(r["file_b"]).stem): float(r["distance"])
+            for r in csv.DictReader((out / "near_duplicates.csv").open())
+            if r["method"] == "cosine" and (r["list_a"], r["list_b"]) == (list_a, list_b)}
+
+
+def test_within_test_cosine_distance_is_the_pairs_own(tmp_path):
+    # test images: s3 at cos 0.999 to s2, s5 at cos 0.99 to s2 (and 0.999 x 0.99 = 0.98901 to s3); all else
+    # orthogonal. With --cosine-k 1, s5's nearest is s2 but s2's is s3: the pair (s2, s5) is found from s5 only.
+    e = np.eye(16)
+    x_test = e[4:12].copy()
+    x_test[3] = 0.999 * e[6] + np.sqrt(1 - 0.999 ** 2) * e[12]
+    x_test[5] = 0.99 * e[6] + np.sqrt(1 - 0.99 ** 2) * e[13]
+    rc, out = _embedding_audit(tmp_path, e[:4], x_test, "--cosine-k", "1")
+    assert rc == 0
+    got = _cosine_rows(out, "test", "test")
+    assert set(got) == {("s2", "s3"), ("s2", "s5")}
+    assert got[("s2", "s3")] == pytest.approx(1 - 0.999, abs=1e-6)
+    assert got[("s2", "s5")] == pytest.approx(1 - 0.99, abs=1e-6)
+
+
+def _copies_of(rows, cosines, start):
+    """Unit rows cos_k * rows[k] + sin_k * e_(start + k): each at the given cosine to its row."""
+    d = start + len(rows)
+    out = np.zeros((len(rows), d))
+    for k, (r, c) in enumerate(zip(rows, cosines)):
+        out[k, :len(r)] = c * r
+        out[k, start + k] = np.sqrt(1 - c ** 2)
+    return out
+
+
+def _pad(x, d):
+    return np.pad(x, ((0, 0), (0, d - x.shape[1])))
+
+
+def test_cosine_check_searches_both_ways(tmp_path):
+    # one training image (t0) with 12 test copies, --cosine-k 10: from t0 only 10 are in reach, from each copy t0 is
+    # its nearest; 118 other test images orthogonal to all (12 of 130 = 9%, under --max-cosine-share)
+    d = 10 + 118 + 12
+    e = np.eye(d)
+    x_train = e[:10]
+    copies = _pad(_copies_of([e[0]] * 12, 0.99 + 0.0008 * np.arange(12), 128), d)
+    x_test = np.concatenate([copies, e[10:128]])
+    clean = tmp_path / "clean.txt"
+    rc, out = _embedding_audit(tmp_path, x_train, x_test, "--cosine-k", "10", "--write-clean-list", clean)
+    assert rc == 0
+    got = _cosine_rows(out, "train", "test")
+    assert set(got) == {("t0", f"s{k}") for k in range(12)}
+    assert [line.split()[1] for line in clean.read_text().splitlines()] == [f"s{k}.png" for k in range(12, 130)]
+
+
+def _class_embedding(rng, n, classes, sigma, d=64):
+    """n rows: class centre e_(k % classes) plus Gaussian noise of sigma per dimension (1 - cos ~ sigma^2 d)."""
+    return np.eye(d)[np.arange(n) % classes] + sigma * rng.standard_normal((n, d))
+
+
+def test_cosine_calibration_removes_the_copy_not_the_class(tmp_path):
+    # a metric-learning-like embedding: 3 tight classes (different patients at 1 - cos ~ 0.005-0.01, all under the
+    # threshold's 0.02) and one planted copy of training image t7 at 1 - cos ~ 1e-7
+    rng = np.random.default_rng(0)
+    x_train = _class_embedding(rng, 60, 3, 0.011)
+    x_test = _class_embedding(rng, 30, 3, 0.011)
+    x_test = np.concatenate([x_test, x_train[7:8] + 1e-4 * rng.standard_normal((1, 64))])
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cos = u(x_test) @ u(x_train).T
+    assert (cos.max(1) >= 0.98).sum() == 31  # premise: the threshold alone calls every test image a copy
+    clean = tmp_path / "clean.txt"
+    rc, out = _embedding_audit(tmp_path, x_train, x_test, "--write-clean-list", clean)
+    assert rc == 0
+    assert set(_cosine_rows(out, "train", "test")) == {("t7", "s30")}
+    assert [line.split()[1] for line in clean.read_text().splitlines()] == [f"s{k}.png" for k in range(30)]
+    cal = json.loads((out / "audit.json").read_text())["cosine_calibration"]["train-test"]
+    # the rule by hand: 1 - cos <= 0.1 x the median over the 31 test images (the smaller list) of the distance to
+    # the nearest training image of another patient (every training image is another patient)
+    median = np.median(1 - cos.max(1))
+    assert cal["reference_median_distance"] == pytest.approx(median, rel=1e-5)
+    assert cal["max_copy_distance"] == pytest.approx(0.1 * median, rel=1e-5)
+    assert cal["copies"] == 1 and cal["rejected_by_calibration"] > 30
+
+
+def test_cosine_removing_a_large_share_is_refused(tmp_path, capsys):
+    # 12 of 40 test images (30%) are copies of different training images: more than --max-cosine-share 0.1
+    d = 60 + 28 + 12
+    e = np.eye(d)
+    x_test = np.concatenate([_pad(_copies_of(list(e[:12]), [0.995] * 12, 88), d), e[60:88]])
+    clean = tmp_path / "clean.txt"
+    rc, out = _embedding_audit(tmp_path, e[:60], x_test, "--write-clean-list", clean)
+    err = capsys.readouterr().err
+    assert rc == 1 and not clean.exists()
+    assert "12 of 40 test images (30%)" in err and "--max-cosine-share 1" in err
+    rep = json.loads((out / "audit.json").read_text())
+    assert rep["clean_list"]["written"] is False and rep["counts"]["train-test"]["cosine"] == 12
+    # forced: written, without the 12
+    assert run_audit("--no-images", "--train-image-list", tmp_path / "train.txt", "--test-image-list",
+                     tmp_path / "test.txt", "--embeddings-dir", tmp_path / "emb", "--save-dir", out, "--overwrite",
+                     "--write-clean-list", clean, "--max-cosine-share", "1") == 0
+    assert len(clean.read_text().splitlines()) == 28
+
+
+def test_figure_draws_the_pairs_that_remove_images():
+    from types import SimpleNamespace as NS
+
+    def lst(name, n):
+        return NS(name=name, errors={}, ds=NS(filenames=[f"{name}{k}.png" for k in range(n)],
+                                              patient_ids=[f"{name}-p{k}" for k in range(n)]))
+    train, val, test = lst("train", 12), lst("val", 2), lst("test", 12)
+    rows = [(train, k, test, k, "phash", float(k)) for k in range(10)]  # 10 pHash pairs at 0..9 bits
+    rows += [(train, 10, test, 10, "identical_bytes", 0.0), (train, 0, test, 0, "cosine", 0.0005),
+             (train, 11, test, 11, "cosine", 0.001), (train, 1, val, 0, "phash", 0.0)]  # the last removes nothing
+    chosen, total, removal = A.figure_pairs(rows, 4)
+    # methods take turns: bytes, the closest pHash pair (also a cosine pair), then the next cosine pair
+    assert [(a.name, i, b.name, j) for a, i, b, j, _ in chosen] == [
+        ("train", 10, "test", 10), ("train", 0, "test", 0), ("train", 11, "test", 11), ("train", 1, "test", 1)]
+    assert chosen[1][4] == [("phash", 0.0), ("cosine", 0.0005)]
+    assert total == 12 and removal
+    # no test image with a copy: the other cross-list pairs, said so
+    chosen, total, removal = A.figure_pairs(rows[-1:], 8)
+    assert total == 1 and not removal
+
+
+def test_fusion_checkpoint_is_refused_in_one_line(planted, tmp_path, capsys):
+    import torch
+
+    from model import FusionHead, fusion_spec, make_checkpoint
+    d, test_list, *_ = planted
+    ckpt = tmp_path / "fusion_best_ckpt.pth"
+    torch.save(make_checkpoint(FusionHead(fusion_spec("concat", [8, 8]), 4), epoch=1), ckpt)
+    out = tmp_path / "audit"
+    assert run_audit("--dataset-dir", d, "--train-image-list", d / "train_split.txt", "--test-image-list",
+                     test_list, "--resume", ckpt, "--device", "cpu", "--save-dir", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(ckpt) in err and not out.exists()
