@@ -14,13 +14,14 @@ prompt pair, plus 27 x 27 token concept maps), and explanations of a query's top
     python concepts.py profile --conceptclip-path /models/ConceptCLIP --dataset-dir data/demo \
         --test-image-list data/demo/test_split.txt --output profiles/cc.csv --maps profiles/cc_maps.npz
     # 3. a query's top-k results explained: shared findings, findings of one side only, codes, span share
-    python concepts.py explain --embeddings emb/demo.npy --probes probes/demo/probes.npz --query demo0003-0 \
+    python concepts.py explain --embeddings emb/demo.npy --probes probes/demo/probes.npz --query demo0003-0 demo0007-1 \
         --k 5 --exclude-same-patient --save-dir explain/demo
     CPU: add --device cpu (only the ConceptCLIP path uses the device).
 
 Writes: probe -> SAVE_DIR/probes.npz (concepts, weights (K, D), bias (K,), model, embedding_dim) and
-SAVE_DIR/probes.json ({"concepts": {NAME: {"auroc", "n_pos", "n_neg", "folds", "note"}}, ...}); profile ->
-OUTPUT (image_id,CONCEPT,... probabilities) [and --maps NPZ]; explain -> SAVE_DIR/explain_{query}.json and .md.
+SAVE_DIR/probes.json ({"concepts": {NAME: {"auroc", "n_pos", "n_neg", "folds", "folds_used", "folds_dropped",
+"n_scored", "split_seed", "note"}}, ...}); profile -> OUTPUT (image_id,CONCEPT,... probabilities) [and --maps NPZ];
+explain -> SAVE_DIR/explain_{query}.json and .md for each --query.
 Nothing is overwritten without --overwrite.
 """
 import argparse
@@ -62,6 +63,13 @@ def load_embedding_set(path, need_ids=True):
             if len(a) != len(emb):
                 raise ValueError(f"{f} has {len(a)} entries but {path} has {len(emb)} rows")
             out[key] = a.astype(str) if key != "labels" else a.astype(np.int64)
+    if out["image_ids"] is not None:
+        ids, counts = np.unique(out["image_ids"], return_counts=True)
+        if (counts > 1).any():  # rows are matched to labels by id: a repeated id would take one row's labels
+            rep = ids[counts > 1]
+            raise ValueError(f"{_sibling(path, 'image_ids')}: image ids repeat ({len(rep)} of them; e.g. "
+                             f"{str(rep[0])!r} {counts[counts > 1][0]} times); re-extract with extract_embeddings.py, "
+                             f"which names a file whose stem repeats in its list by its path")
     if need_ids and out["image_ids"] is None:
         raise ValueError(f"{_sibling(path, 'image_ids')} not found: concept labels are matched to embeddings by "
                          f"image id (extract_embeddings.py writes it beside the embeddings)")
@@ -86,7 +94,8 @@ def match_labels(image_ids, labels):
     missing = labels.image_ids[rows < 0]
     if len(missing) == len(rows):
         raise ValueError(f"{labels.source}: none of its {len(rows)} image ids is in the embeddings (first: "
-                         f"{list(missing[:3])}, embeddings: {list(image_ids[:3])}); label and embed the same images")
+                         f"{[str(m) for m in missing[:3]]}, embeddings: {[str(i) for i in image_ids[:3]]}); label and embed the same images "
+                         f"(embedding ids are filename stems, or the last three path parts when stems repeat)")
     if len(missing):
         notes.append(f"{len(missing)} labelled images are not in the embeddings and are ignored "
                      f"(first: {', '.join(missing[:5])})")
@@ -100,24 +109,66 @@ def match_labels(image_ids, labels):
 
 # --------------------------------------------------------------------------- probes
 
+SPLIT_TRIES = 10  # shuffle seeds tried for a split whose every training part holds both classes
+
+
+def cv_splits(y, groups, k, seed):
+    """Patient-grouped stratified folds in which every training part holds both classes -> (splits, seed used).
+
+    StratifiedGroupKFold can put all images of one class in one fold (few patients, patients with both values);
+    that fold's model could not be fitted. Seeds seed, seed + 1, ... are tried (SPLIT_TRIES); when none works,
+    the last split is returned and cv_auroc drops the fold that cannot be fitted.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+    for s in range(seed, seed + SPLIT_TRIES):
+        splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=s).split(y, y, groups))
+        if all(len(np.unique(y[tr])) == 2 for tr, _ in splits):
+            break
+    return splits, s
+
+
+def cv_auroc(x, y, splits, C=1.0):
+    """AUROC of the pooled out-of-fold probabilities -> (auroc or None, folds used, folds dropped, rows scored).
+
+    Only comparable scores are pooled: each fold's logistic-regression probability of its held-out rows. A fold
+    whose training part holds one class has no model; it is dropped and its rows are not scored (a constant
+    stand-in pooled with other folds' scores would make the AUROC depend on an arbitrary number). Its held-out
+    part then holds every image of the missing class, so the rows left hold one class: no AUROC (None).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    oof = np.full(len(y), np.nan)
+    used = dropped = 0
+    for tr, te in splits:
+        if len(np.unique(y[tr])) < 2:
+            dropped += 1
+            continue
+        m = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(x[tr], y[tr])
+        oof[te] = m.predict_proba(x[te])[:, list(m.classes_).index(1)]
+        used += 1
+    scored = np.isfinite(oof)
+    auroc = float(roc_auc_score(y[scored], oof[scored])) if len(np.unique(y[scored])) == 2 else None
+    return auroc, used, dropped, int(scored.sum())
+
+
 def fit_probes(emb, values, concepts, groups, folds=5, C=1.0, seed=0):
     """One logistic regression per concept on the known rows; AUROC from patient-grouped CV predictions.
 
     emb (N, D); values (N, K) 1/0/NaN; groups (N,) patient (or image) ids. Returns (results dict per concept,
     weights (K', D), bias (K',), ids of the K' concepts that got a probe). The CV AUROC pools the out-of-fold
-    probabilities of StratifiedGroupKFold(min(folds, groups per class)); a concept with one value, or fewer than
-    two patients of each value, gets no probe and a note.
+    probabilities of StratifiedGroupKFold(min(folds, groups per class)) (cv_splits, cv_auroc); each result
+    records the folds, the folds used and dropped, the rows scored and the split's seed. A concept with one
+    value, or fewer than two patients of each value, gets no probe and a note.
     """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
     results, weights, bias, kept = {}, [], [], []
     groups = np.asarray(groups).astype(str)
     for j, cid in enumerate(concepts):
         known = np.isfinite(values[:, j])
         y = values[known, j].astype(int)
         n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-        res = {"auroc": None, "n_pos": n_pos, "n_neg": n_neg, "folds": 0, "note": ""}
+        res = {"auroc": None, "n_pos": n_pos, "n_neg": n_neg, "folds": 0, "folds_used": 0, "folds_dropped": 0,
+               "n_scored": 0, "split_seed": None, "note": ""}
         results[cid] = res
         if n_pos == 0 or n_neg == 0:
             res["note"] = f"only one value (n_pos={n_pos}, n_neg={n_neg}): no probe"
@@ -128,14 +179,16 @@ def fit_probes(emb, values, concepts, groups, folds=5, C=1.0, seed=0):
             res["note"] = (f"fewer than two patients with each value (n_pos={n_pos}, n_neg={n_neg}): "
                            f"no cross-validation, no probe")
             continue
-        oof = np.empty(len(y))
-        for tr, te in StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, g):
-            if len(np.unique(y[tr])) < 2:  # a fold whose training part lost one class: constant score
-                oof[te] = y[tr].mean()
-                continue
-            m = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(x[tr], y[tr])
-            oof[te] = m.decision_function(x[te])
-        res["auroc"], res["folds"] = float(roc_auc_score(y, oof)), int(k)
+        splits, res["split_seed"] = cv_splits(y, g, k, seed)
+        res["auroc"], res["folds_used"], res["folds_dropped"], res["n_scored"] = cv_auroc(x, y, splits, C)
+        res["folds"] = int(k)
+        if res["split_seed"] != seed and not res["folds_dropped"]:
+            res["note"] = (f"the split of seed {seed} left a training part with one class; "
+                           f"folds of seed {res['split_seed']}")
+        if res["folds_dropped"]:
+            res["note"] = (f"{res['folds_dropped']} of {k} folds dropped (a training part with one class in "
+                           f"{SPLIT_TRIES} split seeds); " + ("no cross-validated AUROC" if res["auroc"] is None
+                                                             else f"AUROC of {res['n_scored']} rows"))
         m = LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(x, y)
         weights.append(m.coef_[0])
         bias.append(m.intercept_[0])
@@ -188,16 +241,18 @@ def span_parts(query, results, directions):
 
 
 def span_share(query, results, directions):
-    """Share of each cosine q . r that lies in the span of the concept directions (rows of ``directions``).
+    """Share of each cosine q . r that the span of the concept directions (rows of ``directions``) holds, in [0, 1].
 
-    With P the orthogonal projection onto span(directions): q . r = (Pq) . (Pr) + ((I-P)q) . ((I-P)r); the share
-    is (Pq) . (Pr) / (q . r) (1 for vectors inside the span, 0 when either is orthogonal to it; it can leave
-    [0, 1] when the two parts have opposite signs). q (D,) and r (M, D) are L2-normalised here; NaN where the
-    cosine is 0.
+    With P the orthogonal projection onto span(directions), q . r = a + b with a = (Pq) . (Pr) (in the span) and
+    b = ((I-P)q) . ((I-P)r) (the rest of the embedding). The share is |a| / (|a| + |b|): 1 for vectors inside the
+    span, 0 when either is orthogonal to it, a / (q . r) when a and b have one sign. The plain ratio a / (q . r)
+    is not used: it leaves [0, 1] when a and b have opposite signs and explodes as the cosine nears 0 (a table
+    printed -6.62). q (D,) and r (M, D) are L2-normalised here; NaN where a = b = 0.
     """
     cos, inside = span_parts(query, results, directions)
+    outside = np.abs(cos - inside)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(np.abs(cos) > 1e-12, inside / cos, np.nan)
+        return np.where(np.abs(inside) + outside > 1e-12, np.abs(inside) / (np.abs(inside) + outside), np.nan)
 
 
 # --------------------------------------------------------------------------- ConceptCLIP zero-shot
@@ -329,11 +384,11 @@ def summary_sentence(vocab, rank, rid, cos, pair, share, inside=None):
         s += f"; only the query shows {part(pair['query_only'], 'modifiers')}"
     if pair["result_only"]:
         s += f"; only the result shows {part(pair['result_only'], 'modifiers')}"
-    if share is not None and np.isfinite(share) and 0 <= share <= 1:
+    if share is not None and inside is not None and inside * (cos - inside) >= 0:
         s += f"; {100 * share:.0f}% of the cosine lies in the span of the concept directions"
-    elif inside is not None:  # a share outside [0, 1] (a cosine near 0, or parts of opposite sign) says little
+    elif share is not None and inside is not None:  # parts of opposite sign: a percentage of the cosine says little
         s += (f"; the span of the concept directions contributes {inside:+.3f} to the cosine and the rest of the "
-              f"embedding {cos - inside:+.3f}")
+              f"embedding {cos - inside:+.3f} (the span holds {100 * share:.0f}% of the two parts' sizes)")
     return s + "."
 
 
@@ -364,14 +419,14 @@ def get_args_parser():
     f.add_argument("--embeddings", type=Path, default=None, help="embeddings to profile (with --probes)")
     f.add_argument("--conceptclip-path", default=None, help="zero-shot with ConceptCLIP (HF id or folder)")
     f.add_argument("--concepts", nargs="+", default=None,
-                   help="concepts for ConceptCLIP (default: every finding, disease and modifier)")
+                   help="concepts for ConceptCLIP; not given: every finding, disease and modifier")
     f.add_argument("--dataset", default="covid", help="label map of the image list (ConceptCLIP path)")
     f.add_argument("--dataset-dir", type=Path, default=None, help="image root (ConceptCLIP path)")
     f.add_argument("--test-dataset-dir", type=Path, default=None, help="test image folder (ConceptCLIP path)")
     f.add_argument("--test-image-list", type=Path, default=None, help="images to profile (ConceptCLIP path)")
     f.add_argument("--batch-size", type=int, default=8, help="images per ConceptCLIP forward pass")
     f.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    f.add_argument("--device", default=None, help="cuda, cpu (default: cuda when available)")
+    f.add_argument("--device", default=None, help="cuda or cpu; not given: cuda when available")
     f.add_argument("--maps", type=Path, default=None, help="ConceptCLIP token concept maps (N, K, g, g) to this .npz")
     f.add_argument("--output", type=Path, required=True, help="image_id,CONCEPT,... probabilities (CSV)")
 
@@ -380,7 +435,8 @@ def get_args_parser():
     e.add_argument("--probes", type=Path, default=None, help="probes.npz: profiles and the span share")
     e.add_argument("--profile", type=Path, default=None,
                    help="instead of --probes: a profile or label CSV (image_id,CONCEPT,...)")
-    e.add_argument("--query", required=True, help="image id of the query (or its row number)")
+    e.add_argument("--query", nargs="+", required=True,
+                   help="image ids of the queries (or row numbers); one explain_{query}.json/.md each")
     e.add_argument("--k", type=int, default=5, help="results to explain")
     e.add_argument("--threshold", type=float, default=0.5, help="a concept is shown at probability >= this")
     e.add_argument("--exclude-same-patient", action="store_true", help="drop the query's other images")
@@ -419,10 +475,11 @@ def run_probe(args, vocab):
                "grouped_by": "patient" if es["patient_ids"] is not None else "image", "notes": notes,
                "git_revision": git_revision()}, out_json)
     print(f"\nprobes on {emb.shape[0]} embeddings of {tag}, {emb.shape[1]}-d")
-    print(f"{'concept':<24}{'AUROC':>7}{'n_pos':>7}{'n_neg':>7}  note")
+    print(f"{'concept':<24}{'AUROC':>7}{'n_pos':>7}{'n_neg':>7}{'folds':>7}  note")
     for cid, r in results.items():
         auc = "n/a" if r["auroc"] is None else f"{r['auroc']:.3f}"
-        print(f"{cid:<24}{auc:>7}{r['n_pos']:>7}{r['n_neg']:>7}  {r['note']}")
+        folds = f"{r['folds_used']}/{r['folds']}" if r["folds"] else "-"  # folds used / folds made
+        print(f"{cid:<24}{auc:>7}{r['n_pos']:>7}{r['n_neg']:>7}{folds:>7}  {r['note']}")
     print(f"\nwrote {out_npz} ({len(kept)} probes) and {out_json}")
     return 0
 
@@ -469,39 +526,27 @@ def run_profile(args, vocab):
     return 0
 
 
-def run_explain(args, vocab):
-    if (args.probes is None) == (args.profile is None):
-        raise ValueError("give exactly one of --probes P.npz or --profile CSV (the findings of every image)")
-    es = load_embedding_set(args.embeddings)
+def query_rows(queries, ids, flag_file):
+    """Row of each --query (an image id, else a row number); a repeated query is an error."""
+    rows = []
+    for q in queries:
+        hits = np.flatnonzero(ids == q)
+        if len(hits) == 0 and not (q.isdigit() and int(q) < len(ids)):
+            raise ValueError(f"--query {q!r} is not an image id of {flag_file} (first ids: {', '.join(ids[:3])}) "
+                             f"nor a row number below {len(ids)}")
+        r = int(hits[0]) if len(hits) else int(q)
+        if r in rows:
+            raise ValueError(f"--query {q!r} names image {ids[r]!r} again; give each query once")
+        rows.append(r)
+    return rows
+
+
+def explain_query(args, vocab, es, emb, qi, concepts, values, directions):
+    """(explain json dict, markdown lines) of one query's top-k results."""
     ids = es["image_ids"]
-    hits = np.flatnonzero(ids == args.query)
-    if len(hits) == 0:
-        if not args.query.isdigit() or int(args.query) >= len(ids):
-            raise ValueError(f"--query {args.query!r} is not an image id of {args.embeddings} (first ids: "
-                             f"{', '.join(ids[:3])}) nor a row number below {len(ids)}")
-        hits = [int(args.query)]
-    qi = int(hits[0])
-    qname = str(ids[qi]).replace("/", "_")
-    out_json, out_md = args.save_dir / f"explain_{qname}.json", args.save_dir / f"explain_{qname}.md"
-    _refuse_existing([out_json, out_md], args.overwrite)
-    emb = es["embeddings"] / np.linalg.norm(es["embeddings"], axis=1, keepdims=True)
-    directions = None
-    if args.probes is not None:
-        probes = load_probes(args.probes)
-        check_same_model(probes, es, args.probes)
-        concepts, values = probes["concepts"], probe_profile(emb, probes["weights"], probes["bias"])
-        directions = probes["weights"]
-    else:
-        lab = read_concept_labels(args.profile, vocab)
-        values, notes = match_labels(ids, lab)
-        concepts = lab.concepts
-        for n in notes:
-            print(f"note: {n}")
     exclude = np.zeros(len(ids), bool)
     exclude[qi] = True  # leave-one-out: the query itself, by index
     if args.exclude_same_patient:
-        if es["patient_ids"] is None:
-            raise ValueError(f"--exclude-same-patient needs {_sibling(args.embeddings, 'patient_ids')}")
         exclude |= es["patient_ids"] == es["patient_ids"][qi]
     # the same top-k (and tie rule: equal similarities by gallery index) as metrics.rank
     top = metrics.topk_from_similarity((emb @ emb[qi])[None, :], args.k, exclude_mask=exclude[None, :])[0]
@@ -521,25 +566,60 @@ def run_explain(args, vocab):
     md = [f"# Query {ids[qi]}" + (f" ({label(qi)})" if label(qi) else ""), "",
           f"Findings (probability >= {args.threshold}): " + (", ".join(out["query"]["findings"]) or "none")
           + (f"; modifiers: {', '.join(out['query']['modifiers'])}" if qm else ""), "",
-          "| rank | image | label | cosine | shared | query only | result only | span share |",
-          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+          "| rank | image | label | cosine | shared | query only | result only | span share | in span / rest |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for j, (gi, c) in enumerate(zip(top, cos), 1):
         pair = explain_pair(vocab, concepts, values[qi], values[gi], args.threshold)
         share = None if shares is None or not np.isfinite(shares[j - 1]) else float(shares[j - 1])
         inside = None if insides is None else float(insides[j - 1])
         sent = summary_sentence(vocab, j, str(ids[gi]), float(c), pair, share, inside)
         out["results"].append({"rank": j, "image_id": str(ids[gi]), "label": label(gi), "cosine": float(c),
-                               **pair, "span_share": share, "cosine_in_span": inside, "summary": sent})
+                               **pair, "span_share": share, "cosine_in_span": inside,
+                               "cosine_outside_span": None if inside is None else float(c) - inside,
+                               "summary": sent})
         cell = lambda items: ", ".join(it["name"] for it in items) or "-"  # noqa: E731
         md.append(f"| {j} | {ids[gi]} | {label(gi) or ''} | {c:.3f} | {cell(pair['shared'])} | "
                   f"{cell(pair['query_only'])} | {cell(pair['result_only'])} | "
-                  f"{'-' if share is None else f'{share:.2f}'} |")
+                  f"{'-' if share is None else f'{share:.2f}'} | "
+                  f"{'-' if inside is None else f'{inside:+.3f} / {c - inside:+.3f}'} |")
     md += ["", *[f"{res['rank']}. {res['summary']}" for res in out["results"]], ""]
+    if shares is not None:
+        md += ["Span share = |in span| / (|in span| + |rest|) of the cosine's two parts (concepts.span_share).", ""]
+    return out, md
+
+
+def run_explain(args, vocab):
+    if (args.probes is None) == (args.profile is None):
+        raise ValueError("give exactly one of --probes P.npz or --profile CSV (the findings of every image)")
+    es = load_embedding_set(args.embeddings)
+    ids = es["image_ids"]
+    rows = query_rows(args.query, ids, args.embeddings)
+    outs = {qi: (args.save_dir / f"explain_{str(ids[qi]).replace('/', '_')}.json",
+                 args.save_dir / f"explain_{str(ids[qi]).replace('/', '_')}.md") for qi in rows}
+    _refuse_existing([p for pair in outs.values() for p in pair], args.overwrite)
+    if args.exclude_same_patient and es["patient_ids"] is None:
+        raise ValueError(f"--exclude-same-patient needs {_sibling(args.embeddings, 'patient_ids')}")
+    emb = es["embeddings"] / np.linalg.norm(es["embeddings"], axis=1, keepdims=True)
+    directions = None
+    if args.probes is not None:
+        probes = load_probes(args.probes)
+        check_same_model(probes, es, args.probes)
+        concepts, values = probes["concepts"], probe_profile(emb, probes["weights"], probes["bias"])
+        directions = probes["weights"]
+    else:
+        lab = read_concept_labels(args.profile, vocab)
+        values, notes = match_labels(ids, lab)
+        concepts = lab.concepts
+        for n in notes:
+            print(f"note: {n}")
     ensure_writable_dir(args.save_dir)
-    save_json(out, out_json)
-    atomic_write_text(out_md, "\n".join(md))
-    print("\n".join(md))
-    print(f"wrote {out_json} and {out_md}")
+    for qi in rows:
+        out, md = explain_query(args, vocab, es, emb, qi, concepts, values, directions)
+        out_json, out_md = outs[qi]
+        save_json(out, out_json)
+        atomic_write_text(out_md, "\n".join(md))
+        print("\n".join(md))
+        print(f"wrote {out_json} and {out_md}\n")
     return 0
 
 

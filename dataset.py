@@ -104,6 +104,35 @@ def _parse_lines(path):
             yield lineno, cols
 
 
+ID_PATH_PARTS = 3  # CheXpert's patient/study/view: the id of a file whose stem repeats in its list
+
+
+def path_image_id(filename, parts=None):
+    """The last `parts` parts (None: all) of a relative path, extension dropped, joined by '_'.
+
+    'CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg' -> 'patient00001_study1_view1_frontal' with
+    parts=3, the id ontology.read_chexpert_csv gives the same file whatever folder the list's paths start in.
+    """
+    p = Path(str(filename).replace("\\", "/"))
+    names = [q for q in p.parent.parts if q != p.anchor] + [p.stem]
+    return "_".join(names[-parts:] if parts else names)
+
+
+def list_image_ids(filenames):
+    """Image ids of a list's files: one rule for every id a script writes.
+
+    The filename stem when the stems are unique within the list; else the last three path parts (CheXpert's
+    patientX/studyY/viewZ, whatever folder the paths start in) when those are unique; else the whole relative
+    path. Extension dropped, '/' -> '_'. Ids may still collide (a.png and a.jpg in one folder):
+    ImageListDataset.check_unique_ids names the two lines.
+    """
+    for parts in (1, ID_PATH_PARTS, None):
+        ids = [path_image_id(f, parts) for f in filenames]
+        if len(set(ids)) == len(ids):
+            break
+    return ids
+
+
 def read_image_list(path, dataset="covid", class_names=None):
     """Parse a list file into ImageRecords; errors name the file, the line and the allowed labels.
 
@@ -377,7 +406,7 @@ class ImageListDataset:
         self.records, self.class_names = _read_image_list(self.list_file, dataset, class_names)
         self.labels = np.array([r.label for r in self.records], dtype=np.int64)
         self.filenames = [r.filename for r in self.records]
-        self.image_ids = [Path(r.filename).stem for r in self.records]
+        self.image_ids = list_image_ids(self.filenames)
         self.patient_ids = [r.patient_id for r in self.records]
         self.sources = [r.source for r in self.records]
         self.paths = [self.image_dir / r.filename for r in self.records]
@@ -406,6 +435,17 @@ class ImageListDataset:
                 f"{self.image_dir}; first {min(len(missing), MAX_LISTED_MISSING)}:\n  {shown}\n"
                 f"check --dataset-dir / --test-dataset-dir (training images are looked up in DIR/train when it exists)"
             )
+
+    def check_unique_ids(self):
+        """A ValueError naming the two list lines whose files get the same image id (outputs are keyed by id)."""
+        first = {}
+        for i, iid in enumerate(self.image_ids):
+            if iid in first:
+                lines = [n for n, _ in _parse_lines(self.list_file)]  # records keep no line numbers
+                raise ValueError(f"{self.list_file}:{lines[i]}: {self.filenames[i]!r} gets image id {iid!r}, as does "
+                                 f"{self.filenames[first[iid]]!r} on line {lines[first[iid]]}; image ids are filename "
+                                 f"stems or paths without the extension: rename one file")
+            first[iid] = i
 
     def __len__(self):
         return len(self.records)
@@ -634,7 +674,7 @@ def get_data_parser(lists=("train", "val", "test"), test_help="test list (images
     g.add_argument("--dataset-dir", type=Path, default=None,
                    help="image root; training images in DIR/train when it exists, else DIR")
     g.add_argument("--test-dataset-dir", type=Path, default=None,
-                   help="test image folder (default DIR/test when it exists, else DIR)")
+                   help="test image folder; not given: DIR/test when it exists, else DIR")
     if "train" in lists:
         g.add_argument("--train-image-list", type=Path, default=None,
                        help="training list file: patient_id filename label [source]")
@@ -644,7 +684,8 @@ def get_data_parser(lists=("train", "val", "test"), test_help="test list (images
     if "test" in lists:
         g.add_argument("--test-image-list", type=Path, default=None, help=test_help)
     g.add_argument("--workers", type=int, default=default_workers(),
-                   help="data loader worker processes (default: up to 4, at most this machine's cores)")
+                   help="data loader worker processes (0: the main process); default %(default)s = min(4, this "
+                        "machine's cores)")
     g.add_argument("--cache-dir", type=Path, default=None,
                    help="opt-in cache of decoded, resized images reused across epochs and runs")
     return parser

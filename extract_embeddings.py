@@ -3,7 +3,7 @@
 Writes, for `--output DIR/X.npy`:
     X.npy              float32 (N, D), unit rows, row i = line i of the list (whatever the batch size / ranks)
     X_labels.npy       int64 (N,)
-    X_image_ids.npy    (N,) str, filename stems
+    X_image_ids.npy    (N,) str, unique: filename stems, or paths when stems repeat (dataset.list_image_ids)
     X_patient_ids.npy  (N,) str
     X_meta.json        model name and arguments, checkpoint, list, class names, git revision
 Existing outputs are never replaced unless --overwrite is given.
@@ -54,7 +54,7 @@ def get_args_parser():
                    help="images per batch")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds torch/numpy before the model is built: random-init weights repeat exactly")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; not given: cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (faster; rows differ by ~1e-3)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return p
@@ -124,6 +124,9 @@ def main(args):
         raise ValueError("give the image folder: --dataset-dir DIR (images in DIR/test or DIR) or --test-dataset-dir")
     if args.resume is not None and not Path(args.resume).is_file():
         raise ValueError(f"--resume {args.resume}: file not found; give a checkpoint written by train.py")
+    # read now, before anything is printed or made: read_checkpoint refuses a train_fusion.py head in one line.
+    # Generic lists take the class ids the checkpoint was trained with, so its embeddings and labels agree.
+    stored = read_checkpoint(args.resume).get("class_names") if args.resume else None
     check_writable_dir(paths["embeddings"].parent, "--output")  # created only after the model is built
     device = get_device(args.device)
     if is_main_process():
@@ -132,11 +135,11 @@ def main(args):
         device = torch.device("cuda", get_local_rank())
 
     image_dir = test_image_dir(args.dataset_dir, args.test_dataset_dir)
-    # generic lists: the class ids a checkpoint was trained with, so its embeddings and labels agree with it
-    stored = read_checkpoint(args.resume).get("class_names") if args.resume and args.dataset == "generic" else None
-    names, _ = resolve_class_names(args.dataset, args.test_image_list, given=stored)
-    # The list (and the images on disk) are checked before any model is built or image embedded.
-    ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, class_names=names)
+    names, _ = resolve_class_names(args.dataset, args.test_image_list,
+                                   given=stored if args.dataset == "generic" else None)
+    # The list (and the images on disk) are checked before any model is built or image embedded; every
+    # later tool matches rows by image id, so two files with one id are refused here.
+    ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, class_names=names).check_unique_ids()
     set_seed(args.seed)  # an untrained (random-init) model gives the same embeddings run after run
     model, transform, source = build(args, device)
     ensure_writable_dir(paths["embeddings"].parent, "--output")

@@ -243,9 +243,12 @@ def read_concept_csv(path, vocab: Vocabulary) -> ConceptLabels:
 def read_chexpert_csv(path, vocab: Vocabulary, uncertain: str = "unknown") -> ConceptLabels:
     """CheXpert train.csv / valid.csv: Path, Sex, Age, Frontal/Lateral, AP/PA, 14 labels (1.0, 0.0, -1.0, blank).
 
-    Image id = patientNNNNN_studyN_viewN_frontal (the last three path parts, so ids are unique), patient id
-    = patientNNNNN. -1.0 (uncertain) -> unknown (``uncertain="unknown"``, U-Ignore), 1 (``"positive"``,
-    U-Ones) or 0 (``"negative"``, U-Zeros); blank (not mentioned) -> unknown.
+    Image id = patientNNNNN_studyN_viewN_frontal (the last three path parts, extension dropped, joined by '_'),
+    patient id = patientNNNNN. This is the id dataset.list_image_ids gives the same file in an image list (its
+    stems repeat, so it takes the last three parts), whatever folder the list's paths start in: CheXpert's
+    'CheXpert-v1.0/train/...' or a list relative to CheXpert-v1.0/train.
+    -1.0 (uncertain) -> unknown (``uncertain="unknown"``, U-Ignore), 1 (``"positive"``, U-Ones) or 0
+    (``"negative"``, U-Zeros); blank (not mentioned) -> unknown.
     """
     path = Path(path)
     if uncertain not in ("unknown", "positive", "negative"):
@@ -261,14 +264,18 @@ def read_chexpert_csv(path, vocab: Vocabulary, uncertain: str = "unknown") -> Co
         raise ValueError(f"{path}:1: none of the CheXpert labels {sorted(lmap)} is a column")
     unc = {"unknown": math.nan, "positive": 1.0, "negative": 0.0}[uncertain]
     pi = head.index("Path")
-    image_ids, pids, vals = [], [], []
+    image_ids, pids, vals, first = [], [], [], {}
     for n, r in enumerate(rows[1:], 2):
         if not any(x.strip() for x in r):
             continue
         parts = r[pi].strip().replace("\\", "/").split("/")
         if len(parts) < 3:
             raise ValueError(f"{path}:{n}: Path {r[pi]!r} is not patient/study/view")
-        image_ids.append("_".join(parts[-3:-1] + [Path(parts[-1]).stem]))
+        iid = "_".join(parts[-3:-1] + [Path(parts[-1]).stem])   # = dataset.path_image_id(Path, 3)
+        if iid in first:
+            raise ValueError(f"{path}:{n}: image {iid!r} already labelled on line {first[iid]}")
+        first[iid] = n
+        image_ids.append(iid)
         pids.append(parts[-3])
         row = []
         for i in lcols:

@@ -310,3 +310,150 @@ def test_conceptclip_zero_shot_and_maps_on_planted_directions(standin, tmp_path)
     assert r < 3 and c < 3 and maps[0, 0, 0, 0] > maps[0, 0, 6, 6]
     r, c = np.unravel_index(maps[1, 1].argmax(), (7, 7))
     assert r >= 4 and c >= 4
+
+
+# --------------------------------------------------------------------------- CV AUROC with a fold that cannot fit
+
+def _one_class_fold_set(d):
+    """6 images of 3 patients, positives at +e0 and negatives at -e0: StratifiedGroupKFold(2, seed 0) puts both
+    positives (and two negatives) in one fold, so the other fold's training part holds positives only."""
+    ids = np.array([f"img{i}" for i in range(6)])
+    y = np.array([1, 0, 0, 0, 0, 1])
+    np.save(d / "e.npy", np.where(y[:, None] == 1, [1.0, 0.0], [-1.0, 0.0]).astype(np.float32))
+    np.save(d / "e_image_ids.npy", ids)
+    np.save(d / "e_patient_ids.npy", np.array(["p0", "p0", "p0", "p1", "p1", "p2"]))
+    (d / "labels.csv").write_text("image_id,consolidation\n" + "".join(f"{i},{v}\n" for i, v in zip(ids, y)))
+    return y
+
+
+def _rescaled_logistic_regression():
+    """LogisticRegression whose scores go through a monotone map: an AUROC of comparable scores cannot change."""
+    from sklearn.linear_model import LogisticRegression
+
+    class Rescaled(LogisticRegression):
+        def decision_function(self, x):
+            return super().decision_function(x) / 1000 - 3
+
+        def predict_proba(self, x):
+            p = super().predict_proba(x) ** 5
+            return p / p.sum(axis=1, keepdims=True)
+    return Rescaled
+
+
+def test_probe_auroc_pools_only_fitted_folds_and_says_how_many(tmp_path, monkeypatch):
+    from sklearn.model_selection import StratifiedGroupKFold
+    y = _one_class_fold_set(tmp_path)
+    g = np.load(tmp_path / "e_patient_ids.npy")
+    # the configuration: seed 0 gives a fold whose training part holds one class
+    assert any(len(set(y[tr])) < 2 for tr, _ in StratifiedGroupKFold(2, shuffle=True, random_state=0).split(y, y, g))
+    args = ["probe", "--embeddings", tmp_path / "e.npy", "--concept-labels", tmp_path / "labels.csv"]
+    assert run(args + ["--save-dir", tmp_path / "a"]) == 0
+    got = json.loads((tmp_path / "a" / "probes.json").read_text())["concepts"]["consolidation"]
+    # by hand: every fold's model sees positives at +e0 and negatives at -e0 with balanced weights, so its
+    # intercept is 0 and every positive scores sigmoid(w_f) > 1/2 > sigmoid(-w_f): each of the 2 x 4 pairs is
+    # ordered, AUROC 8/8 (the old pooling of a constant 0 with other folds' logits gave 0.75)
+    assert got["auroc"] == pytest.approx(1.0)
+    assert (got["folds"], got["folds_used"], got["folds_dropped"], got["n_scored"]) == (2, 2, 0, 6)
+    assert got["split_seed"] > 0 and "seed 0" in got["note"]
+    # the same AUROC when every score goes through a monotone map
+    import sklearn.linear_model
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", _rescaled_logistic_regression())
+    assert run(args + ["--save-dir", tmp_path / "b"]) == 0
+    assert json.loads((tmp_path / "b" / "probes.json").read_text())["concepts"]["consolidation"]["auroc"] == \
+        pytest.approx(got["auroc"])
+    # one split seed only: the fold that cannot be fitted is dropped, its rows unscored, and that is recorded;
+    # its held-out part holds every negative, so the rows left hold one class: no AUROC rather than a made-up one
+    monkeypatch.setattr(C, "SPLIT_TRIES", 1)
+    assert run(args + ["--save-dir", tmp_path / "c"]) == 0
+    got = json.loads((tmp_path / "c" / "probes.json").read_text())["concepts"]["consolidation"]
+    assert (got["auroc"], got["folds_used"], got["folds_dropped"], got["split_seed"]) == (None, 1, 1, 0)
+    assert got["n_scored"] == 2 and "1 of 2 folds dropped" in got["note"]
+
+
+def test_cv_auroc_of_a_split_with_a_fold_that_cannot_fit():
+    # 3 folds by hand; fold 3's training part (rows 0-3) holds negatives only: dropped, rows 4 and 5 not scored.
+    # Every positive is then unscored, so no AUROC (a constant pooled in would have produced one)
+    x = np.array([[-1.0], [-0.5], [-0.8], [-0.2], [1.0], [0.5]])
+    y = np.array([0, 0, 0, 0, 1, 1])
+    splits = [(np.array([2, 3, 4, 5]), np.array([0, 1])), (np.array([0, 1, 4, 5]), np.array([2, 3])),
+              (np.array([0, 1, 2, 3]), np.array([4, 5]))]
+    assert C.cv_auroc(x, y, splits) == (None, 2, 1, 4)
+    # all three folds fitted: 4 x 2 pairs; the score of x under each fold's model rises with x, and every
+    # positive's x is above every negative's in each fold, so, with balanced folds, the pooled AUROC is 1
+    y2 = np.array([0, 1, 0, 1, 0, 1])
+    x2 = np.array([[-1.0], [1.0], [-1.0], [1.0], [-1.0], [1.0]])
+    splits2 = [(np.array([2, 3, 4, 5]), np.array([0, 1])), (np.array([0, 1, 4, 5]), np.array([2, 3])),
+               (np.array([0, 1, 2, 3]), np.array([4, 5]))]
+    assert C.cv_auroc(x2, y2, splits2) == (1.0, 3, 0, 6)
+
+
+def test_span_share_stays_in_0_1_when_the_parts_have_opposite_signs():
+    e = np.eye(3)
+    # span e0; q = (0.6, 0.8), r = (-0.6, 0.8): in span -0.36, rest +0.64, cosine 0.28. The old ratio
+    # -0.36 / 0.28 = -1.29 left [0, 1]; the share of the parts' sizes is 0.36 / (0.36 + 0.64)
+    assert C.span_share([0.6, 0.8, 0], [[-0.6, 0.8, 0]], e[:1]) == pytest.approx([0.36])
+    # cosine 0 (q = (0.6, 0.8), r = (-0.8, 0.6)): parts -0.48 and +0.48; the ratio has no value, the share 1/2
+    assert C.span_share([0.6, 0.8, 0], [[-0.8, 0.6, 0]], e[:1]) == pytest.approx([0.5])
+    # the README demo's parts, -0.134 in the span and +0.154 outside (cosine 0.02), printed -6.62; now 0.134 / 0.288.
+    # r = (-0.134 / 0.6, 0.154 / 0.8, rest along e2, which q lacks) is a unit vector with these parts
+    r0, r1 = -0.134 / 0.6, 0.154 / 0.8
+    r = [[r0, r1, math.sqrt(1 - r0 ** 2 - r1 ** 2)]]
+    assert C.span_share([0.6, 0.8, 0], r, e[:1]) == pytest.approx([0.134 / 0.288])
+
+
+def _four_images(tmp_path):
+    e = np.eye(4)
+    emb = unit([e[0] + e[2], e[0] + e[2] + 0.1 * e[3], e[1] + e[2], e[3]])
+    np.save(tmp_path / "e.npy", emb.astype(np.float32))
+    np.save(tmp_path / "e_image_ids.npy", np.array(["q", "a", "b", "c"]))
+    np.savez(tmp_path / "probes.npz", concepts=np.array(["consolidation", "ground_glass_opacity", "right"]),
+             weights=10 * e[:3].astype(np.float32), bias=np.full(3, -5.0, np.float32),
+             model=np.array("unknown (no _meta.json beside the embeddings)"), embedding_dim=np.array(4))
+
+
+def test_explain_takes_several_queries(tmp_path, capsys):
+    _four_images(tmp_path)
+    base = ["explain", "--embeddings", tmp_path / "e.npy", "--probes", tmp_path / "probes.npz", "--k", "2"]
+    assert run(base + ["--query", "q", "b", "3", "--save-dir", tmp_path / "x"]) == 0
+    for qid in ("q", "b", "c"):                                    # row 3 is image c
+        out = json.loads((tmp_path / "x" / f"explain_{qid}.json").read_text())
+        assert out["query"]["image_id"] == qid and len(out["results"]) == 2
+        assert qid not in [r["image_id"] for r in out["results"]]  # each query left out of its own results
+    # each query's file equals a run with that query alone
+    assert run(base + ["--query", "b", "--save-dir", tmp_path / "y"]) == 0
+    assert (tmp_path / "y" / "explain_b.json").read_text() == (tmp_path / "x" / "explain_b.json").read_text()
+    # bad input before any output: an unknown query, a query named twice, an existing output of one query
+    capsys.readouterr()
+    assert run(base + ["--query", "q", "zz", "--save-dir", tmp_path / "z"]) == 2
+    assert "'zz' is not an image id" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    assert run(base + ["--query", "q", "0", "--save-dir", tmp_path / "z"]) == 2
+    assert "again" in capsys.readouterr().err and not (tmp_path / "z").exists()
+    assert run(base + ["--query", "a", "b", "--save-dir", tmp_path / "y"]) == 2
+    assert "explain_b.json" in capsys.readouterr().err and not (tmp_path / "y" / "explain_a.json").exists()
+
+
+def test_explain_table_prints_a_share_in_0_1_and_the_two_parts(tmp_path):
+    # span of the probes = e0; query (0.6, 0.8), result (-0.6, 0.8): parts -0.36 and +0.64, cosine 0.28
+    np.save(tmp_path / "e.npy", np.array([[0.6, 0.8, 0], [-0.6, 0.8, 0], [0, 0, 1]], np.float32))
+    np.save(tmp_path / "e_image_ids.npy", np.array(["q", "r", "far"]))
+    np.savez(tmp_path / "probes.npz", concepts=np.array(["consolidation"]), weights=np.eye(3, dtype=np.float32)[:1],
+             bias=np.zeros(1, np.float32), model=np.array("unknown (no _meta.json beside the embeddings)"),
+             embedding_dim=np.array(3))
+    assert run(["explain", "--embeddings", tmp_path / "e.npy", "--probes", tmp_path / "probes.npz", "--query", "q",
+                "--k", "1", "--save-dir", tmp_path / "x"]) == 0
+    res = json.loads((tmp_path / "x" / "explain_q.json").read_text())["results"][0]
+    assert res["image_id"] == "r" and res["span_share"] == pytest.approx(0.36)
+    assert res["cosine_in_span"] == pytest.approx(-0.36) and res["cosine_outside_span"] == pytest.approx(0.64)
+    row = [ln for ln in (tmp_path / "x" / "explain_q.md").read_text().splitlines() if ln.startswith("| 1 |")][0]
+    assert "| 0.36 | -0.360 / +0.640 |" in row
+    assert "contributes -0.360 to the cosine and the rest of the embedding +0.640" in res["summary"]
+
+
+def test_help_lines_do_not_repeat_their_default():
+    # ArgumentDefaultsHelpFormatter appends "(default: ...)"; a help text that says its own default repeats it
+    sub = next(a for a in C.get_args_parser()._actions if a.choices and "probe" in a.choices)
+    for name, parser in sub.choices.items():
+        fmt = parser._get_formatter()
+        for action in parser._actions:
+            text = fmt._expand_help(action) if action.help else ""
+            assert text.lower().count("default") <= 1, f"{name} {action.option_strings}: {text}"

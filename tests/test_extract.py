@@ -125,3 +125,28 @@ def test_unknown_backbone_leaves_no_output_folder(demo_data, tmp_path):
     with pytest.raises(ValueError, match="unknown timm model"):
         run(demo_data, out, "--model", "timm", "--backbone", "no_such_net_v9")
     assert not out.parent.exists()
+
+
+def test_fusion_checkpoint_is_one_clear_error_before_any_output(demo_data, tmp_path, capsys):
+    # a train_fusion.py head embeds embeddings, not images: the same *_best_ckpt.pth naming makes the mix-up easy
+    head = build_model("fusion", backbone="fusion-concat:32,16", embedding_dim=8)
+    path = tmp_path / "fusion_best_ckpt.pth"
+    torch.save(make_checkpoint(head, epoch=3, class_names=["normal", "pneumonia", "COVID-19"]), path)
+    out = tmp_path / "new" / "x.npy"
+    for dataset in ("covid", "generic"):  # generic reads the checkpoint's class names first
+        with pytest.raises(ValueError, match=r"fusion") as e:
+            run(demo_data, out, "--resume", str(path), "--dataset", dataset)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        assert not out.parent.exists() and capsys.readouterr().out == ""   # refused before the arguments print
+
+
+def test_help_lines_do_not_repeat_their_default():
+    # ArgumentDefaultsHelpFormatter appends "(default: ...)"; a help text that says its own default repeats it.
+    # The extraction and data flags (model.py's model flags are checked with model.py)
+    parser = ee.get_args_parser()
+    fmt = parser._get_formatter()
+    groups = [g for g in parser._action_groups if g.title in ("extraction", "data")]
+    assert len(groups) == 2
+    for action in (a for g in groups for a in g._group_actions):
+        text = fmt._expand_help(action)  # the line --help prints
+        assert text.lower().count("default") <= 1, f"{action.option_strings}: {text}"

@@ -26,7 +26,8 @@ CLASSES = ["A", "B", "C", "D"]
 
 
 def tree(text=UNBALANCED, classes=CLASSES):
-    return metrics.build_hierarchy(metrics.parse_hierarchy(text, "t.txt"), classes, "t.txt")
+    # the hand-computed values below are half the tree path (the toolkit's default is the LCA height)
+    return metrics.build_hierarchy(metrics.parse_hierarchy(text, "t.txt"), classes, "t.txt", distance="half-path")
 
 
 def circle(deg):
@@ -63,7 +64,8 @@ def test_covidx_tree_on_a_leave_one_out_ranking():
     # images at 0, 10, 30, 100 degrees, labels normal pneumonia COVID-19 COVID-19; nearest other image:
     #   q0 -> 1 (pneumonia, h 3/2), q1 -> 0 (normal, 3/2), q2 -> 1 (pneumonia, 1), q3 -> 2 (COVID-19, 0)
     labels = np.array([0, 1, 2, 2])
-    hier = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], ["normal", "pneumonia", "COVID-19"])
+    hier = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], ["normal", "pneumonia", "COVID-19"],
+                                  "half-path")
     assert hier.H == 3 / 2 and hier.distance[1, 2] == 1 and hier.distance[0, 2] == 3 / 2
     ranking = metrics.rank(circle([0, 10, 30, 100]), labels, k=3)
     r = metrics.hierarchical_metrics(ranking.indices, labels, None, hier, k_values=(1,), bootstrap=200, seed=0)
@@ -76,7 +78,8 @@ def test_covidx_tree_on_a_leave_one_out_ranking():
 
 def test_ties_follow_the_gallery_index():
     # gallery 1 (normal) and 2 (COVID-19) are the same vector: the lower index ranks first, for every metric
-    hier = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], ["normal", "pneumonia", "COVID-19"])
+    hier = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], ["normal", "pneumonia", "COVID-19"],
+                                  "half-path")
     r = metrics.rank(circle([0]), np.array([2]), circle([90, 20, 20]), np.array([2, 0, 2]), k=2)
     assert r.indices.tolist() == [[1, 2]]
     out = metrics.hierarchical_metrics(r.indices, [2], [2, 0, 2], hier, k_values=(1, 2))
