@@ -19,9 +19,14 @@ Definitions (R = number of relevant gallery images for the query after exclusion
            none in its top K (torchmetrics RetrievalMAP(top_k=K)).
     MAP@R  mean over queries of (1/R) sum_{k<=R} P@k * rel_k (Musgrave et al., 2020).
     R@K, mP@K and mAP@K average over all queries (a query with R = 0 scores 0).
-    Vote@k the most frequent label among the top k; a tie goes to the tied label ranked highest.
-    With a class hierarchy (``child parent`` file, leaves = class names; h(a, b) = half the number
-    of edges on the tree path between classes a and b, H = the largest h between two classes):
+    Vote@k the most frequent label among the top k; a tie goes to the tied label ranked highest. Not
+           computed for a k that exceeds 2R of some query with R > 0 (it would lose with a perfect ranking).
+    With a class hierarchy (``child parent`` file, leaves = class names) h(a, b) is a distance between
+    classes a and b, H = the largest h between two classes. ``lca-height`` (the default): the height of
+    their lowest common ancestor, the height of a node being the longest path from it down to a leaf below
+    it (Bertinetto et al., CVPR 2020, "Making Better Mistakes"); ``half-path``: half the number of edges on
+    the tree path between a and b. The two agree when every leaf lies at the same depth, not otherwise
+    (COVIDx tree: normal vs pneumonia is 2 by LCA height, 3/2 by half-path).
     AHD@k  mean over queries of the mean h(query label, result label) over its top k.
     MS@k   mean h over all top-k results, pooled over queries, whose label differs from the query's.
     hP@k   mean over queries of the mean of 1 - h/H over its top k.
@@ -662,13 +667,31 @@ def vote_metrics(y_true, y_pred, labels, class_names) -> dict:
     return out
 
 
+def vote_short_classes(num_relevant, query_labels, vote_k, names) -> dict:
+    """{str(k): {class name: R}} for each vote k that some query class cannot win even with a perfect ranking:
+    R = the fewest relevant gallery images a query of the class has (queries with none left aside: they
+    cannot be right at any k) and 2R < k. A tie R = k/2 is winnable: it goes to the label ranked highest."""
+    if num_relevant is None:
+        return {}
+    qlab, nrel = np.asarray(query_labels), np.asarray(num_relevant)
+    fewest = {c: int(nrel[(qlab == c) & (nrel > 0)].min()) for c in np.unique(qlab)
+              if ((qlab == c) & (nrel > 0)).any()}
+    out = {}
+    for k in sorted(set(int(k) for k in vote_k)):
+        small = {names[c]: r for c, r in sorted(fewest.items(), key=lambda x: (x[1], x[0])) if 2 * r < k}
+        if small:
+            out[str(k)] = small
+    return out
+
+
 def retrieval_metrics(ranking: Ranking, query_labels, gallery_labels=None, *,
                       k_values=DEFAULT_K_VALUES, vote_k=DEFAULT_VOTE_K, class_names=None,
                       bootstrap: int = 0, seed: int = 0) -> dict:
     """Flat results dict (fractions in [0, 1]) from a Ranking made with labels.
 
-    vote_k values larger than the smallest candidate count are skipped and listed in
-    ``vote_skipped_k``; k_values larger than the ranking's k raise ValueError.
+    vote_k values larger than the ranking's k, or too large for a query class to win (vote_short_classes,
+    listed in ``vote_k_without_majority``), are skipped and listed in ``vote_skipped_k``; k_values larger
+    than the ranking's k raise ValueError.
     """
     qlab = np.asarray(query_labels, dtype=np.int64)
     glab = qlab if gallery_labels is None else np.asarray(gallery_labels, dtype=np.int64)
@@ -701,20 +724,19 @@ def retrieval_metrics(ranking: Ranking, query_labels, gallery_labels=None, *,
             res[f"mAP@{k}"] = _mean(map_at_k(rel, k))
     res["MAP@R"] = _mean(ranking.map_at_r[has_rel]) if ranking.map_at_r is not None else None
 
+    # A vote over k neighbours is fair only when every query's class can hold a majority of them: a query with
+    # R relevant gallery images (after exclusions) and 2R < k loses even when all R rank first, since the other
+    # k - R votes may all go to one class (the demo's vote@20 with R = 6 scored 0 for every query). Such k are
+    # not computed; results list them with every class that is too small and its R.
+    short = vote_short_classes(ranking.num_relevant, qlab, vote_k, names)
     neighbour_labels = glab[ranking.indices]
     res["vote"] = {}
-    res["vote_skipped_k"] = [k for k in vote_k if k > kmax]
+    res["vote_skipped_k"] = sorted(int(k) for k in set(vote_k) if k > kmax or str(k) in short)
+    res["vote_k_without_majority"] = short
     for k in vote_k:
-        if k <= kmax:
+        if k <= kmax and str(k) not in short:
             pred = majority_vote(neighbour_labels, k)
             res["vote"][str(k)] = vote_metrics(qlab, pred, labels, [names[c] for c in labels])
-
-    # A vote over more neighbours than a class has gallery images cannot be won by that class alone
-    # (8 relevant of 20 neighbours): say so next to the numbers rather than print a low accuracy silently.
-    if ranking.num_relevant is not None and res["vote"]:
-        smallest = min(((int(ranking.num_relevant[qlab == c].min()), names[c]) for c in labels if (qlab == c).any()))
-        res["smallest_class_gallery"] = {"class": smallest[1], "relevant_images": smallest[0]}
-        res["vote_k_above_smallest_class"] = [int(k) for k in res["vote"] if int(k) > smallest[0]]
 
     r1 = recall_at_k(rel, 1)
     per_class = {}
@@ -804,20 +826,24 @@ def evaluate(query_embeddings, query_labels, gallery_embeddings=None, gallery_la
 # Hierarchy files shipped with the toolkit, by --dataset (test.py's default --hierarchy).
 HIERARCHY_DIR = Path(__file__).resolve().parent / "data" / "ontology"
 DEFAULT_HIERARCHIES = {"covid": HIERARCHY_DIR / "covidx_hierarchy.txt"}
+# h(a, b): the height of the lowest common ancestor (the mistake severity of Bertinetto et al. 2020), or half
+# the tree path; equal on trees whose leaves all lie at one depth (see the module docstring).
+HIERARCHY_DISTANCES = ("lca-height", "half-path")
 
 
 @dataclass
 class Hierarchy:
     """A class tree checked against the class names; distances between classes precomputed.
 
-    ``distance[a, b]`` = h(a, b) = half the number of edges on the tree path between classes a and b
-    (class ids index ``classes``); ``H`` = the largest h between two classes.
+    ``distance[a, b]`` = h(a, b) under ``distance_name`` (one of HIERARCHY_DISTANCES, see the module
+    docstring; class ids index ``classes``); ``H`` = the largest h between two classes.
     """
     source: str
     parents: dict                  # node -> parent node (the root maps to None)
     classes: list                  # class names in label-id order
     distance: np.ndarray           # (C, C) float64
     H: float
+    distance_name: str = "lca-height"
 
 
 def parse_hierarchy(text: str, source: str = "hierarchy") -> dict:
@@ -863,8 +889,11 @@ def parse_hierarchy(text: str, source: str = "hierarchy") -> dict:
     return parents
 
 
-def build_hierarchy(parents: dict, class_names, source: str = "hierarchy") -> Hierarchy:
+def build_hierarchy(parents: dict, class_names, source: str = "hierarchy",
+                    distance: str = "lca-height") -> Hierarchy:
     """Check that the leaves are exactly the classes, then precompute h for every class pair."""
+    if distance not in HIERARCHY_DISTANCES:
+        raise ValueError(f"hierarchy distance {distance!r}: expected one of {list(HIERARCHY_DISTANCES)}")
     classes = [str(c) for c in class_names]
     if len(classes) < 2:
         raise ValueError(f"{source}: hierarchical metrics need at least two classes, got {classes}")
@@ -873,8 +902,7 @@ def build_hierarchy(parents: dict, class_names, source: str = "hierarchy") -> Hi
     not_class = [c for c in leaves if c not in classes]
     if not_class:
         raise ValueError(f"{source}: leaf {not_class} is not a class; the leaves must be the class names "
-                         f"{classes} (from the embeddings' _meta.json, else the --dataset label map, else the "
-                         f"label ids)")
+                         f"{classes}")
     missing = [c for c in classes if c not in parents]
     if missing:
         raise ValueError(f"{source}: class {missing} is missing from the hierarchy; add a line "
@@ -890,6 +918,12 @@ def build_hierarchy(parents: dict, class_names, source: str = "hierarchy") -> Hi
             node = parents[node]
         return out
 
+    # height of a node = the longest path from it down to a leaf below it: the largest number of steps
+    # any leaf needs to climb to it (every leaf is visited, not only the classes)
+    height = {}
+    for leaf in leaves:
+        for d, node in enumerate(path_up(leaf)):
+            height[node] = max(height.get(node, 0), d)
     paths = [path_up(c) for c in classes]
     c = len(classes)
     dist = np.zeros((c, c))
@@ -898,13 +932,14 @@ def build_hierarchy(parents: dict, class_names, source: str = "hierarchy") -> Hi
         for j in range(i + 1, c):
             # the first ancestor of j that is also an ancestor of i is the lowest common ancestor
             dj, lca = next((d, n) for d, n in enumerate(paths[j]) if n in up_i)
-            dist[i, j] = dist[j, i] = (up_i[lca] + dj) / 2.0
+            h = height[lca] if distance == "lca-height" else (up_i[lca] + dj) / 2.0
+            dist[i, j] = dist[j, i] = h
     return Hierarchy(source=str(source), parents=dict(parents), classes=classes, distance=dist,
-                     H=float(dist.max()))
+                     H=float(dist.max()), distance_name=distance)
 
 
-def load_hierarchy(path, class_names) -> Hierarchy:
-    """Read a hierarchy file (see parse_hierarchy) and check it against the class names."""
+def load_hierarchy(path, class_names, distance: str = "lca-height") -> Hierarchy:
+    """Read a hierarchy file (see parse_hierarchy), check it against the class names, h by ``distance``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--hierarchy {path}: file not found (a file of 'child parent' lines)")
@@ -912,7 +947,8 @@ def load_hierarchy(path, class_names) -> Hierarchy:
         path = path.resolve().relative_to(Path.cwd().resolve())
     except ValueError:
         pass
-    return build_hierarchy(parse_hierarchy(path.read_text(encoding="utf-8"), str(path)), class_names, str(path))
+    return build_hierarchy(parse_hierarchy(path.read_text(encoding="utf-8"), str(path)), class_names, str(path),
+                           distance)
 
 
 def hierarchy_class_names(class_names, *label_arrays):
@@ -986,7 +1022,8 @@ def hierarchical_metrics(indices, query_labels, gallery_labels, hierarchy: Hiera
             ci[f"hP@{k}"] = bootstrap_ci(hp_q, bootstrap, seed)
     out["ci95"] = ci
     c = hierarchy.classes
-    out["hierarchy"] = {"file": hierarchy.source, "classes": c, "H": hierarchy.H,
+    out["hierarchy"] = {"file": hierarchy.source, "distance": hierarchy.distance_name, "classes": c,
+                        "H": hierarchy.H,
                         "h": {f"{c[i]}|{c[j]}": float(hierarchy.distance[i, j])
                               for i in range(len(c)) for j in range(i + 1, len(c))}}
     return out
@@ -1058,7 +1095,8 @@ def paired_permutation_test(a, b, groups=None, n_perm: int = 1000, seed: int = 0
 def paired_comparison(scores: dict, groups=None, n_boot: int = 1000, n_perm: int = 1000, seed: int = 0,
                       level: float = 0.95) -> list:
     """Every pair of methods in ``scores`` (name -> per-query scores on the same queries, in insertion order):
-    dicts with a, b, diff = mean(a - b), ci [low, high], p, and significant (the CI excludes 0)."""
+    dicts with a, b, diff = mean(a - b), ci [low, high], p, and significant (the CI excludes 0; never without a
+    bootstrap, n_boot 0, since then there is no CI: low = high = diff)."""
     names = list(scores)
     out = []
     for i, x in enumerate(names):
@@ -1066,5 +1104,5 @@ def paired_comparison(scores: dict, groups=None, n_boot: int = 1000, n_perm: int
             diff, low, high = paired_bootstrap_ci(scores[x], scores[y], groups, n_boot, seed, level)
             p = paired_permutation_test(scores[x], scores[y], groups, n_perm, seed)
             out.append({"a": x, "b": y, "diff": diff, "ci": [low, high], "p": p,
-                        "significant": bool(low > 0 or high < 0)})
+                        "significant": bool(n_boot > 0 and (low > 0 or high < 0))})
     return out

@@ -52,28 +52,29 @@ def get_args_parser():
     g.add_argument("--gallery-image-list", type=Path, default=None,
                    help="search the test queries against these images instead of leave-one-out")
     g.add_argument("--gallery-dataset-dir", type=Path, default=None,
-                   help="gallery image folder (default: the training folder of --dataset-dir)")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+                   help="gallery image folder; None: the training folder of --dataset-dir")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for extraction")
     g = p.add_argument_group("from saved embeddings (sibling files X_labels.npy ... X_meta.json found by default)")
     g.add_argument("--embeddings", type=Path, default=None, help="(N, D) .npy of the queries")
-    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy (default: X_labels.npy beside X.npy)")
-    g.add_argument("--image-ids", type=Path, default=None, help="(N,) .npy of image ids (default: X_image_ids.npy)")
+    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy; None: X_labels.npy beside X.npy")
+    g.add_argument("--image-ids", type=Path, default=None, help="(N,) .npy of image ids; None: X_image_ids.npy")
     g.add_argument("--patient-ids", type=Path, default=None,
-                   help="(N,) .npy of patient ids (default: X_patient_ids.npy)")
+                   help="(N,) .npy of patient ids; None: X_patient_ids.npy")
     g.add_argument("--class-names", nargs="+", default=None,
-                   help="names of label ids 0, 1, ... for arrays without X_meta.json (default: the ids themselves)")
+                   help="names of label ids 0, 1, ... for arrays without X_meta.json (--dataset is not used for "
+                        "saved embeddings); None: the ids themselves")
     g.add_argument("--gallery-embeddings", type=Path, default=None,
                    help="(M, D) .npy searched instead of leave-one-out; its sibling files are found likewise")
-    g.add_argument("--gallery-labels", type=Path, default=None, help="(M,) int .npy (default: G_labels.npy)")
-    g.add_argument("--gallery-image-ids", type=Path, default=None, help="(M,) .npy (default: G_image_ids.npy)")
-    g.add_argument("--gallery-patient-ids", type=Path, default=None, help="(M,) .npy (default: G_patient_ids.npy)")
+    g.add_argument("--gallery-labels", type=Path, default=None, help="(M,) int .npy; None: G_labels.npy")
+    g.add_argument("--gallery-image-ids", type=Path, default=None, help="(M,) .npy; None: G_image_ids.npy")
+    g.add_argument("--gallery-patient-ids", type=Path, default=None, help="(M,) .npy; None: G_patient_ids.npy")
     g = p.add_argument_group("evaluation")
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="remove gallery images of the query's own patient (needs patient ids)")
     g.add_argument("--k-values", type=int, nargs="+", default=[1, 5, 10], help="K of R@K, mP@K and mAP@K")
     g.add_argument("--vote-k", type=int, nargs="+", default=list(metrics.DEFAULT_VOTE_K),
-                   help="majority-vote k values (those above the gallery size are skipped)")
+                   help="majority-vote k values (a k that a query's class cannot win, 2R < k, is skipped: n/a)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
     g.add_argument("--seed", type=int, default=0, help="bootstrap and example-query seed")
     g.add_argument("--knn-backend", default="torch", choices=["torch", "faiss"],
@@ -85,7 +86,10 @@ def get_args_parser():
                    help="queries drawn in retrieval_examples.png (failures first, then successes)")
     g.add_argument("--hierarchy", default=None,
                    help="class tree ('child parent' lines, root parent '-', leaves = class names) for AHD@k, MS@k, "
-                        "hP@k (default for --dataset covid: data/ontology/covidx_hierarchy.txt; 'none': skip)")
+                        "hP@k (None: data/ontology/covidx_hierarchy.txt for --dataset covid; 'none': skip)")
+    g.add_argument("--hierarchy-distance", default="lca-height", choices=metrics.HIERARCHY_DISTANCES,
+                   help="h(a, b) of AHD/MS/hP: the height of the lowest common ancestor (Bertinetto et al. 2020) "
+                        "or half the tree path between the classes; they differ on unbalanced trees (metrics.py)")
     g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
     g.add_argument("--compare-with", type=Path, nargs="+", default=None, metavar="RUN",
@@ -230,19 +234,56 @@ def hierarchy_file(args, check=False):
             raise ValueError(f"--hierarchy {path}: file not found (a file of 'child parent' lines)")
         metrics.parse_hierarchy(Path(path).read_text(encoding="utf-8"), str(path))
         if args.resume is not None and args.dataset in LABEL_MAPS:  # names known now: check the leaves first
-            metrics.load_hierarchy(path, sorted(LABEL_MAPS[args.dataset], key=LABEL_MAPS[args.dataset].get))
+            load_hierarchy(args, path, sorted(LABEL_MAPS[args.dataset], key=LABEL_MAPS[args.dataset].get))
     return Path(path)
 
 
-def embeddings_from_checkpoint(args):
-    from model import compute_embeddings, get_transform, load_checkpoint
+def class_names_origin(args):
+    """Where this run's class names come from and how to change them (said when a hierarchy does not fit)."""
+    if args.resume is not None:
+        return (f"the class names are the labels of the lists (--dataset generic) and the checkpoint's"
+                if args.dataset == "generic" else f"the class names are the --dataset {args.dataset} label map")
+    meta = embedding_sidecars(args.embeddings)["meta"]
+    if read_class_names(args.embeddings) is not None:
+        return f"the class names come from {meta}"
+    if args.class_names:
+        return "the class names come from --class-names"
+    # arrays without a meta file: --dataset's label map is not applied to saved embeddings
+    return (f"{meta} does not exist, so the class names are the label ids (--dataset is not used for saved "
+            f"embeddings); pass --class-names with one name per label id, in id order")
+
+
+def load_hierarchy(args, path, names):
+    """metrics.load_hierarchy with --hierarchy-distance; a tree that does not fit says where the names came from."""
+    try:
+        return metrics.load_hierarchy(path, names, args.hierarchy_distance)
+    except ValueError as e:
+        raise ValueError(f"{e}; {class_names_origin(args)}") from e
+
+
+def hierarchy_for(args, names, query, gal):
+    """The class tree of --hierarchy (an error when it does not fit) or the --dataset default (skipped with a
+    note when it does not fit), with h by --hierarchy-distance; None without one."""
+    hpath = hierarchy_file(args)
+    if hpath is None:
+        return None
+    try:
+        return load_hierarchy(args, hpath, metrics.hierarchy_class_names(names, query["labels"], gal["labels"]))
+    except ValueError as e:
+        if args.hierarchy is not None:
+            raise
+        print(f"note: the default hierarchy {hpath} does not fit these classes ({e}); AHD/MS/hP skipped")
+        return None
+
+
+def embeddings_from_checkpoint(args, model, ckpt):
+    from model import compute_embeddings, get_transform
     device = get_device(args.device)
     query_dir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
     gallery_dir = args.gallery_dataset_dir or (train_image_dir(args.dataset_dir) if args.dataset_dir else None)
 
-    from model import read_checkpoint
-    # generic lists: the class ids the model was trained with (read once more below with the model; small cost)
-    stored = read_checkpoint(args.resume).get("class_names") if args.dataset == "generic" else None
+    # generic lists: the class ids the model was trained with
+    stored = ckpt.get("class_names") if args.dataset == "generic" else None
     names, extra = resolve_class_names(args.dataset, args.test_image_list, [args.gallery_image_list],
                                        given=stored if args.dataset == "generic" else None)
     if extra and stored:
@@ -258,16 +299,12 @@ def embeddings_from_checkpoint(args):
                                  cache_dir=args.cache_dir if transform else None)
         return q, g
 
-    # lists, image files and k are checked before the model is built or any image embedded
+    # lists, image files and k are checked before any image is embedded
     query_ds, gallery_ds = datasets(None, True)
     g = gallery_ds or query_ds
     cand, _ = metrics.candidate_counts(query_ds.labels, None if gallery_ds is None else g.labels,
                                        query_ds.patient_ids, g.patient_ids, args.exclude_same_patient)
     metrics.check_k(args.k_values, cand)
-    model, ckpt = load_checkpoint(args.resume, map_location=device, expected_model=args.model,
-                                  expected_embedding_dim=args.embedding_dim)
-    print(f"model {ckpt['model_name']} ({model.embedding_dim}-d) from {args.resume}"
-          + (f", epoch {ckpt['epoch']}" if "epoch" in ckpt else ""))
     # the model's own eval transform: the same as validation in train.py and extract_embeddings.py
     query_ds, gallery_ds = datasets(get_transform(model), False)
     amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None  # --amp: bf16 on CUDA only
@@ -334,14 +371,19 @@ def print_table(res, k_values):
         lo_hi = f"[{ci[r][0]:.4f}, {ci[r][1]:.4f}]" if r in ci else ""
         print(f"{r:<8}{'n/a' if v is None else f'{v:.4f}':>9}   {lo_hi}")
     if "hierarchy" in res:
-        print(f"hierarchy {res['hierarchy']['file']} (H = {res['hierarchy']['H']:g}; lower AHD/MS, higher hP is better)")
+        hr = res["hierarchy"]
+        print(f"hierarchy {hr['file']} (h = {hr['distance']}, H = {hr['H']:g}; lower AHD/MS, higher hP is better)")
         for r in [f"{m}@{k}" for m in ("AHD", "MS", "hP") for k in k_values]:
             v = res.get(r)
             lo_hi = f"[{ci[r][0]:.4f}, {ci[r][1]:.4f}]" if ci.get(r) else ""
             print(f"{r:<8}{'n/a' if v is None else f'{v:.4f}':>9}   {lo_hi}")
-    if res["vote"]:
+    if res["vote"] or res["vote_k_without_majority"]:
         print(f"\n{'vote@k':<8}{'acc':>8}{'P_macro':>9}{'R_macro':>9}{'F1_macro':>9}{'F1_wtd':>9}")
-        for k, v in res["vote"].items():
+        for k in sorted(set(res["vote"]) | set(res["vote_k_without_majority"]), key=int):
+            v = res["vote"].get(k)
+            if v is None:  # a class cannot win this vote (metrics.vote_short_classes)
+                print(f"{k:<8}{'n/a':>8}   (a class has fewer than {int(k) / 2:g} gallery images per query)")
+                continue
             print(f"{k:<8}{v['accuracy']:>8.4f}{v['precision_macro']:>9.4f}{v['recall_macro']:>9.4f}"
                   f"{v['f1_macro']:>9.4f}{v['f1_weighted']:>9.4f}")
     print("\nper class:")
@@ -385,6 +427,11 @@ def example_queries(ranking, num, seed):
     return np.array(qs, dtype=np.int64), np.array([i < n_miss for i in range(len(qs))])
 
 
+def plural(n, one, many=None):
+    """'1 failure', '2 failures'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def plot_examples(ranking, query, gallery, names, num, seed, path, k=5, ood_flags=None):
     """Example queries with their top-k, failures first; titles give image and patient ids.
     Green frame = relevant (same label), red = not; OOD-flagged queries say so."""
@@ -419,25 +466,43 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5, ood_flag
             rel = bool(ranking.relevant[qi, j])
             show(row[j + 1], gallery["paths"][gi], f"{j + 1}: {name(gallery['labels'][gi])} "
                  f"{ranking.sims[qi, j]:.3f}\n{ident(gallery, gi)}", "green" if rel else "red")
-    fig.suptitle(f"{int(failed.sum())} failures (top-1 of another class) and {int((~failed).sum())} successes, "
-                 f"seed {seed}; green = same class as the query, red = not", fontsize=9)
+    fig.suptitle(f"{plural(int(failed.sum()), 'failure')} (top-1 of another class) and "
+                 f"{plural(int((~failed).sum()), 'success', 'successes')}, seed {seed}; "
+                 f"green = same class as the query, red = not", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def load_model(args):
+    """The checkpoint's model, before anything else reads the checkpoint: load_checkpoint refuses a file
+    of a kind test.py cannot use (e.g. a train_fusion.py head) with a one-line model.CheckpointError."""
+    from model import load_checkpoint
+    model, ckpt = load_checkpoint(args.resume, map_location=get_device(args.device), expected_model=args.model,
+                                  expected_embedding_dim=args.embedding_dim)
+    print(f"model {ckpt['model_name']} ({model.embedding_dim}-d) from {args.resume}"
+          + (f", epoch {ckpt['epoch']}" if "epoch" in ckpt else ""))
+    return model, ckpt
+
+
 def run(args):
     check_args(args)
+    model = ckpt = None
+    if args.resume is not None:
+        model, ckpt = load_model(args)
     ood_ref = None
     if args.ood_reference is not None:  # fitted and checked before any image is embedded
         ood_ref = ood.load_reference(args.ood_reference, args.ood_method, args.ood_k, seed=args.seed,
-                                     expected_dim=ood.checkpoint_embedding_dim(args.resume) if args.resume else None)
+                                     expected_dim=model.embedding_dim if model is not None else None)
     print_args(args)
     set_seed(args.seed)
     if args.resume is not None:
-        query, gallery, names = embeddings_from_checkpoint(args)
+        query, gallery, names = embeddings_from_checkpoint(args, model, ckpt)
     else:
         query, gallery, names = embeddings_from_files(args)
+    loo = gallery is None
+    gal = query if loo else gallery
+    hier = hierarchy_for(args, names, query, gal)  # before the search: a tree that does not fit stops the run
     ood_flags = None
     if ood_ref is not None:
         ood_scores, ood_flags = ood.score_queries(ood_ref, query["embeddings"])
@@ -446,8 +511,6 @@ def run(args):
         print(f"OOD warning: {ood_summary['num_flagged']} of {len(ood_flags)} queries are unlike the archive "
               f"({args.ood_method} score > {ood_ref.threshold:.4g}; {ood_ref.info['calibration']}); per query: "
               f"{Path(args.save_dir) / 'query_ood.csv'}")
-    loo = gallery is None
-    gal = query if loo else gallery
     qp, gp = query["patient_ids"], gal["patient_ids"]
     if qp is not None and gp is not None:
         qp, gp = qp.astype(str), gp.astype(str)
@@ -486,22 +549,13 @@ def run(args):
         hit = [len(set(a[:k]) & set(b[:k])) for a, b in zip(ranking.indices, exact.indices)]
         res[f"faiss_recall@{k}"] = float(np.mean(hit) / k)
         print(f"faiss {args.faiss_index}: recall@{k} against exact search {res[f'faiss_recall@{k}']:.4f}")
-    over = res.get("vote_k_above_smallest_class")
-    if over:
-        sc = res["smallest_class_gallery"]
-        print(f"warning: vote@k for k = {over} exceeds the {sc['relevant_images']} gallery images of class "
-              f"{sc['class']!r} (after exclusions): those votes cannot be won by that class alone, so their "
-              f"accuracy is low by construction; compare vote@k only for k <= {sc['relevant_images']}")
-    hpath = hierarchy_file(args)
-    hier = None
-    if hpath is not None:  # AHD@k, MS@k, hP@k on the same top-k (tie rule, exclusions) as every other metric
-        try:
-            hier = metrics.load_hierarchy(hpath, metrics.hierarchy_class_names(names, query["labels"], gal["labels"]))
-        except ValueError as e:
-            if args.hierarchy is not None:
-                raise
-            print(f"note: the default hierarchy {hpath} does not fit these classes ({e}); AHD/MS/hP skipped")
-    if hier is not None:
+    short = res["vote_k_without_majority"]
+    if short:
+        print(f"warning: vote@k for k = {[int(k) for k in short]} not computed (n/a): classes with fewer than k/2 "
+              f"gallery images per query (after exclusions) lose such a vote even when all their images rank "
+              f"first; at k = {max(short, key=int)}: "
+              + ", ".join(f"{c!r} {r}" for c, r in short[max(short, key=int)].items()))
+    if hier is not None:  # AHD@k, MS@k, hP@k on the same top-k (tie rule, exclusions) as every other metric
         hres = metrics.hierarchical_metrics(ranking.indices, query["labels"], gal["labels"], hier,
                                             k_values=args.k_values, bootstrap=args.bootstrap, seed=args.seed)
         res["ci95"].update(hres.pop("ci95"))

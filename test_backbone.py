@@ -14,9 +14,12 @@ self excluded by index; relevant = same label):
     random half of the queries and evaluated on the other half (choosing alpha on the test queries
     overstates the gain);
   * query_{idx}_comparison.png for a low-, a medium- and a high-overlap query, then random ones.
-Writes backbone_comparison_results.{npz,json} in --save-dir and prints a summary table and one interpretation
-line (fusion looks beneficial when mean overlap < 0.6 k, rho < 0.6 and the best fusion beats both models; not
-beneficial when mean overlap > 0.8 k and rho > 0.8; for k = 5 these are the thresholds 3.0 and 4.0).
+Writes backbone_comparison_results.{npz,json} in --save-dir and prints a summary table and one verdict line
+from the held-out rows and their paired 95% CIs, never from the all-query table (optimistic): fusion looks
+beneficial when mean overlap < 0.6 k, rho < 0.6 and the best held-out fusion beats the better model with a CI
+above 0; not beneficial when mean overlap > 0.8 k and rho > 0.8, or when no fusion beats the better model on
+the held-out queries (for k = 5 the overlap thresholds are 3.0 and 4.0). Models are named by --model1-name /
+--model2-name, else by the model and backbone in each file's X_meta.json, else by the file name.
 
 Commands (CPU only; under a minute at N = 10,000 on 2 cores, see bench/bench_compare.py):
   python test_backbone.py --model1-embeddings emb/convnext.npy --model2-embeddings emb/conceptclip.npy \
@@ -52,12 +55,15 @@ def get_args_parser():
                    help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
     p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
                    help="N x D2 .npy of model 2, same images in the same order (old name --conceptclip-embeddings)")
-    p.add_argument("--model1-name", default="ConvNeXtV2", help="name of model 1 in the table, json and figures")
-    p.add_argument("--model2-name", default="ConceptCLIP", help="name of model 2 in the table, json and figures")
-    p.add_argument("--labels", default=None, help="N int labels (.npy); default: X_labels.npy beside model 1")
-    p.add_argument("--image-ids", default=None, help="N image ids (.npy); default: X_image_ids.npy beside each file")
-    p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); default: X_patient_ids.npy beside model 1")
-    p.add_argument("--image-dir", default=None, help="folder of the images, for the query visualisations")
+    p.add_argument("--model1-name", default=None,
+                   help="name of model 1 in the table, json and figures; None: the model (and backbone) in "
+                        "X_meta.json beside the file, else the file name")
+    p.add_argument("--model2-name", default=None, help="name of model 2; None: as for model 1")
+    p.add_argument("--labels", default=None, help="N int labels (.npy); None: X_labels.npy beside model 1")
+    p.add_argument("--image-ids", default=None, help="N image ids (.npy); None: X_image_ids.npy beside each file")
+    p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); None: X_patient_ids.npy beside model 1")
+    p.add_argument("--image-dir", default=None,
+                   help="folder of the images, for the query visualisations (checked before any work)")
     p.add_argument("--image-list", default=None,
                    help="optional list file (patient_id filename label ...) mapping image ids to file names")
     p.add_argument("--save-dir", "--output-dir", dest="save_dir", default="./results/backbone_comparison",
@@ -67,7 +73,7 @@ def get_args_parser():
     p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="weights of model 1 in alpha * sim1 + (1 - alpha) * sim2")
     p.add_argument("--class-names", nargs="+", default=None,
-                   help="names of labels 0, 1, ... (default: X_meta.json beside model 1, else normal pneumonia COVID-19)")
+                   help="names of labels 0, 1, ...; None: X_meta.json beside model 1, else normal pneumonia COVID-19")
     p.add_argument("--exclude-same-patient", action="store_true",
                    help="also remove other images of the query's patient from the gallery")
     p.add_argument("--seed", type=int, default=0,
@@ -84,7 +90,10 @@ def get_args_parser():
                    help="sign flips of the paired permutation test (0: no p-value)")
     p.add_argument("--hierarchy", default=None,
                    help="class tree ('child parent' lines, leaves = class names) for AHD@k, MS@k, hP@k per model, "
-                        "e.g. data/ontology/covidx_hierarchy.txt (default: not computed)")
+                        "e.g. data/ontology/covidx_hierarchy.txt; None: not computed")
+    p.add_argument("--hierarchy-distance", default="lca-height", choices=metrics.HIERARCHY_DISTANCES,
+                   help="h(a, b) of AHD/MS/hP: the height of the lowest common ancestor (Bertinetto et al. 2020) "
+                        "or half the tree path between the classes; they differ on unbalanced trees (metrics.py)")
     return p
 
 
@@ -192,6 +201,56 @@ def load_inputs(args):
 
     e1, e2 = _normalise(e1, p1), _normalise(e2, p2)
     return e1, e2, labels, image_ids, patient_ids
+
+
+def model_label(path):
+    """What produced an embedding set, for tables and figures: the model and its backbone(s) from X_meta.json
+    (extract_embeddings.py writes them), e.g. 'convnextv2 (convnextv2_atto)'; else the file name without .npy."""
+    meta = dataset.embedding_sidecars(path)["meta"]
+    try:
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta}: not a readable JSON file ({e})") from e
+    name = info.get("model_name") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name:
+        return Path(path).stem
+    margs = info.get("model_args") if isinstance(info.get("model_args"), dict) else {}
+    backbones = [str(v) for k, v in sorted(margs.items()) if k.endswith("backbone") and isinstance(v, str) and v]
+    return f"{name} ({' + '.join(backbones)})" if backbones else name
+
+
+def model_names(args):
+    """(name 1, name 2): --model1-name/--model2-name, else model_label of each file; two equal labels (two
+    checkpoints of one model) get their file names added, so that rows and pairs stay distinct."""
+    paths = (args.model1_embeddings, args.model2_embeddings)
+    given = (args.model1_name, args.model2_name)
+    names = [g if g else model_label(p) for g, p in zip(given, paths)]
+    if names[0] == names[1]:
+        if given[0] and given[1]:
+            raise ValueError(f"--model1-name and --model2-name are both {names[0]!r}; give two different names")
+        names = [g if g else f"{n} [{Path(p).stem}]" for g, n, p in zip(given, names, paths)]
+        if names[0] == names[1]:
+            names = [f"{n} #{i}" for i, n in enumerate(names, 1)]
+    if args.learned_embeddings and args.learned_name in names:
+        raise ValueError(f"--learned-name {args.learned_name!r} is also a model's name; give another")
+    return tuple(names)
+
+
+def check_images(args, image_ids):
+    """--image-dir must be a folder holding at least one of the images (a typo would only give blank panels)."""
+    if args.image_list is not None and not Path(args.image_list).is_file():
+        raise ValueError(f"--image-list {args.image_list}: file not found")
+    if args.image_dir is None:
+        return None
+    if not Path(args.image_dir).is_dir():
+        raise ValueError(f"--image-dir {args.image_dir}: not a folder; give the folder of the images "
+                         f"(e.g. data/COVIDx/test) or leave the flag out")
+    find = _image_finder(args.image_dir, args.image_list)
+    if args.visualize_samples > 0 and not any(find(str(i)) is not None for i in image_ids):
+        raise ValueError(f"--image-dir {args.image_dir}: none of the {len(image_ids)} images (e.g. "
+                         f"{image_ids[0]}.png) is there" + ("" if args.image_list else
+                         "; give the images' own folder, or --image-list to map ids to file names"))
+    return find
 
 
 def load_learned(args, image_ids, n):
@@ -427,18 +486,38 @@ def heldout_alpha(fusion_aps, alphas, seed):
     return float(alphas[best]), float(fusion_aps[best, evaluate].mean()), select, evaluate
 
 
-def interpret(mean_overlap, rho, best_fusion, map1, map2, k):
+def interpret(mean_overlap, rho, k, heldout, pairs, models, fusions, num_queries, bootstrap):
+    """The verdict line, from the held-out rows only: every method scored on the same held-out queries (alpha
+    chosen on the other half) and the paired 95% CI of the best fusion minus the better model. The all-query
+    table picks alpha on the test queries themselves (optimistic) and is not used.
+
+    heldout: {row name: mAP@k on the held-out queries}; pairs: metrics.paired_comparison of those rows;
+    models: the two model rows; fusions: the fusion rows (held-out alpha, RRF, a learned head).
+    Beneficial: the backbones retrieve different images (mean overlap@k < 0.6 k, rho < 0.6) and the best fusion
+    beats the better model with a CI above 0. Not beneficial: they retrieve nearly the same images (> 0.8 k,
+    rho > 0.8), or no fusion beats the better model on the held-out queries. Otherwise: mixed evidence.
+    """
     low, high = 0.6 * k, 0.8 * k
-    if mean_overlap < low and rho < 0.6 and best_fusion > max(map1, map2):
-        return (f"Fusion looks beneficial: the backbones retrieve different images (mean overlap@{k} "
-                f"{mean_overlap:.2f} < {low:g}, rho {rho:.2f} < 0.6) and the best fusion ({best_fusion:.4f}) "
-                f"beats both models.")
+    better = max(models, key=lambda m: heldout[m])
+    best = max(fusions, key=lambda f: heldout[f])
+    pair = next(p for p in pairs if {p["a"], p["b"]} == {best, better})
+    sign = 1.0 if pair["a"] == best else -1.0  # the pair may be stored as model - fusion
+    diff, lo, hi = sign * pair["diff"], *sorted(sign * c for c in pair["ci"])
+    basis = (f"held-out rows ({num_queries} queries): best fusion {best} {heldout[best]:.4f} vs the better model "
+             f"{better} {heldout[better]:.4f}, difference {diff:+.4f}"
+             + (f" (paired 95% CI [{lo:+.4f}, {hi:+.4f}])" if bootstrap > 0 else " (no CI: --bootstrap 0)"))
+    pair_stats = f"mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}"
     if mean_overlap > high and rho > 0.8:
-        return (f"Fusion is not beneficial: the backbones retrieve nearly the same images (mean overlap@{k} "
-                f"{mean_overlap:.2f} > {high:g}, rho {rho:.2f} > 0.8).")
-    beats = "beats" if best_fusion > max(map1, map2) else "does not beat"
-    return (f"Mixed evidence: mean overlap@{k} {mean_overlap:.2f}, rho {rho:.2f}, and the best fusion "
-            f"({best_fusion:.4f}) {beats} the better model ({max(map1, map2):.4f}); check the held-out alpha.")
+        return (f"Fusion is not beneficial: the backbones retrieve nearly the same images ({pair_stats}; "
+                f"> {high:g} and > 0.8); {basis}.")
+    if diff <= 0:
+        return f"Fusion is not beneficial here: no fusion beats the better model on the {basis}; {pair_stats}."
+    if bootstrap > 0 and lo > 0 and mean_overlap < low and rho < 0.6:
+        return (f"Fusion looks beneficial: the backbones retrieve different images ({pair_stats}; < {low:g} and "
+                f"< 0.6) and on the {basis}, the CI is above 0.")
+    why = ("the CI includes 0" if bootstrap > 0 and lo <= 0 else "there is no CI" if bootstrap <= 0 else
+           f"the backbones are not clearly diverse ({pair_stats})")
+    return f"Mixed evidence: {why}; {basis}; {pair_stats}."
 
 
 # ----------------------------------------------------------------------------- plots
@@ -497,42 +576,65 @@ def _image_finder(image_dir, image_list):
     return find
 
 
+def _short(text, width=20):
+    """Long ids (UUID-like) as 'first 9~last 9' so that a panel title fits its panel."""
+    text = str(text)
+    return text if len(text) <= width else f"{text[:9]}~{text[-9:]}"
+
+
 def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, find, k, overlap, path, case=""):
+    """The query, then one row per model with its top k. Frame: green = same class as the query, red = not;
+    a blue 'both' tag marks a result that is in both models' top-k lists. Model names label the rows (wrapped),
+    long ids are shortened, so no title runs past its panel or the figure."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def show(ax, i, title, colour):
+    def show(ax, i, title, colour, both=False):
         p = find(str(image_ids[i]))
         if p is not None:
             try:
                 ax.imshow(dataset.load_image(p).convert("L"), cmap="gray")
             except Exception as e:  # a broken file must not stop the report; say so in the panel
-                ax.text(0.5, 0.5, f"unreadable\n{p.name}\n{type(e).__name__}", ha="center", va="center", fontsize=7)
+                ax.text(0.5, 0.5, f"unreadable\n{_short(p.name)}\n{type(e).__name__}", ha="center", va="center",
+                        fontsize=7, transform=ax.transAxes)
         else:
             ax.set_facecolor("0.85")
-            ax.text(0.5, 0.5, f"image not found\n{image_ids[i]}", ha="center", va="center", fontsize=7,
+            ax.text(0.5, 0.5, f"image not found\n{_short(image_ids[i])}", ha="center", va="center", fontsize=7,
                     transform=ax.transAxes)
+        if both:
+            ax.text(0.04, 0.96, "both", ha="left", va="top", fontsize=8, color="white", fontweight="bold",
+                    transform=ax.transAxes, bbox={"boxstyle": "round,pad=0.2", "facecolor": "royalblue",
+                                                  "edgecolor": "none"})
         ax.set_title(title, color=colour, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
         for s in ax.spines.values():
             s.set_edgecolor(colour), s.set_linewidth(3)
 
-    fig, axes = plt.subplots(3, k, figsize=(2.2 * k, 7.2), squeeze=False)
+    width = 2.3 * max(k, 3)
+    fig, axes = plt.subplots(3, k, figsize=(width, 7.6), squeeze=False)
     for ax in axes[0, 1:]:
         ax.axis("off")
-    show(axes[0, 0], q, f"query {q}: {class_names[labels[q]]}\n{image_ids[q]}", "black")
-    fig.suptitle(f"{case} case: query {q} ({image_ids[q]}), {overlap} of {k} shared; {names[0]} vs {names[1]}"
-                 if case else f"query {q} ({image_ids[q]}): {names[0]} vs {names[1]}", fontsize=10)
+    show(axes[0, 0], q, f"query {q}: {class_names[labels[q]]}\n{_short(image_ids[q])}", "black")
+    title = (f"{case} case: query {q} ({image_ids[q]}), {overlap} of {k} shared; {names[0]} vs {names[1]}" if case
+             else f"query {q} ({image_ids[q]}): {names[0]} vs {names[1]}")
+    fig.suptitle("\n".join(textwrap.wrap(title, int(width * 9))), fontsize=10)
+    legend = (f"{overlap} of the two top-{k} lists shared\nframe green: same class as the query, red: not\n"
+              f"blue 'both' tag: in both lists")
     if k > 1:
-        axes[0, 1].text(0, 0.5, f"{overlap} of the two top-{k} lists shared\ngreen: same class as the query, red: not",
-                        fontsize=9, va="center", transform=axes[0, 1].transAxes)
+        # left out of tight_layout: it spans several empty panels, and counted it would shrink every image
+        axes[0, 1].text(0, 0.5, legend, fontsize=9, va="center", transform=axes[0, 1].transAxes).set_in_layout(False)
+    shared = set(top1[q].tolist()) & set(top2[q].tolist())
     for r, (emb, top, name) in enumerate(((e1, top1, names[0]), (e2, top2, names[1])), start=1):
         sims = emb[top[q]] @ emb[q]
         for j, g in enumerate(top[q]):
             ok = labels[g] == labels[q]
-            show(axes[r, j], g, f"{name} #{j + 1}: {image_ids[g]}\n{class_names[labels[g]]} {sims[j]:.4f}",
-                 "green" if ok else "red")
+            show(axes[r, j], g, f"#{j + 1}: {_short(image_ids[g])}\n{class_names[labels[g]]} {sims[j]:.4f}",
+                 "green" if ok else "red", both=int(g) in shared)
+        parts = name.replace(" (", "\n(").replace(" + ", "\n+ ").split("\n")  # model, then each backbone
+        axes[r, 0].set_ylabel("\n".join(w for p in parts for w in textwrap.wrap(p, 26)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -546,13 +648,15 @@ def main(args):
     n, k = len(labels), args.k
     class_names = check_args(args, n, labels, patient_ids)
     e_learned = load_learned(args, image_ids, n) if args.learned_embeddings else None
-    hierarchy = metrics.load_hierarchy(args.hierarchy, class_names) if args.hierarchy else None
+    hierarchy = (metrics.load_hierarchy(args.hierarchy, class_names, args.hierarchy_distance)
+                 if args.hierarchy else None)
+    names = model_names(args)
+    find = check_images(args, image_ids)
     save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
     existing = [str(save_dir / f) for f in RESULT_FILES if (save_dir / f).exists()]
     if existing and not args.overwrite:
         raise ValueError(f"--save-dir {save_dir} already holds results ({', '.join(existing)}); "
                          f"choose another --save-dir or pass --overwrite")
-    names = (args.model1_name, args.model2_name)
     alphas = [float(a) for a in args.fusion_alphas]
     print(f"{n} queries, leave-one-out; {names[0]} D={e1.shape[1]}, {names[1]} D={e2.shape[1]}, k={k}"
           + (", excluding same-patient images" if args.exclude_same_patient else ""))
@@ -602,9 +706,9 @@ def main(args):
     print(f"\npair {names[0]} / {names[1]}: Mean Overlap@{k} {mean_overlap:.2f}, {100 * pct_low:.1f}% of queries "
           f"share <= {k // 2} of their top-{k}; Spearman rho {mean_rho:.3f} (std {std_rho:.3f})")
     # 3. held-out: alpha chosen on one half, every method scored on the other half, the same queries
+    fusions = [f"Held-out alpha={h_alpha:g}", f"RRF (k={RRF_K})"] + ([args.learned_name] if learned else [])
     scores = {names[0]: r["ap1"][evaluate], names[1]: r["ap2"][evaluate],
-              f"Held-out alpha={h_alpha:g}": r["fusion"][alphas.index(h_alpha)][evaluate],
-              f"RRF (k={RRF_K})": r["rrf"][evaluate]}
+              fusions[0]: r["fusion"][alphas.index(h_alpha)][evaluate], fusions[1]: r["rrf"][evaluate]}
     if learned is not None:
         scores[args.learned_name] = learned[0][evaluate]
     groups = patient_ids[evaluate] if patient_ids is not None else None
@@ -622,9 +726,10 @@ def main(args):
             hier[key] = {m: h[f"{m}@{k}"] for m in ("AHD", "MS", "hP")}
             print(f"{name}: AHD@{k} {h[f'AHD@{k}']:.4f}  MS@{k} "
                   + ("n/a" if h[f"MS@{k}"] is None else f"{h[f'MS@{k}']:.4f}") + f"  hP@{k} {h[f'hP@{k}']:.4f}"
-                  + f"  (hierarchy {args.hierarchy}, H = {hierarchy.H:g})")
-    best_fusion = float(max(fusion_maps.max(), zscore_maps.max(), rrf_map))
-    print(interpret(mean_overlap, mean_rho, best_fusion, map1, map2, k))
+                  + f"  (hierarchy {args.hierarchy}, h = {hierarchy.distance_name}, H = {hierarchy.H:g})")
+    verdict = interpret(mean_overlap, mean_rho, k, {m: float(v.mean()) for m, v in scores.items()}, pairs, names,
+                        fusions, len(evaluate), args.bootstrap)
+    print(verdict)
 
     np.savez(save_dir / RESULT_FILES[0], model1_name=names[0], model2_name=names[1], model1_map=map1,
              model2_map=map2, overlaps=overlaps, mean_overlap=mean_overlap, correlations=rho,
@@ -649,11 +754,14 @@ def main(args):
         "paired": {"queries": len(evaluate), "resampled": "patients" if groups is not None else "queries",
                    "bootstrap": args.bootstrap, "permutations": args.permutations, "seed": args.seed,
                    key: {name: float(v.mean()) for name, v in scores.items()}, "pairs": pairs},
+        **({} if hierarchy is None else {"hierarchy": {"file": hierarchy.source, "distance": hierarchy.distance_name,
+                                                       "H": hierarchy.H}}),
+        "verdict": verdict,
     }, save_dir / RESULT_FILES[1])
     plot_overlap_histogram(overlaps, k, names, save_dir / RESULT_FILES[2])
 
     if args.visualize_samples > 0:
-        find = _image_finder(args.image_dir, args.image_list)
+        find = find or _image_finder(None, None)
         missing = sum(find(str(i)) is None for i in image_ids[:50])
         if args.image_dir is None or missing:
             print(f"note: images not found for {missing} of the first {min(n, 50)} ids"

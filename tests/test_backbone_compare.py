@@ -112,11 +112,22 @@ def test_heldout_split_is_seeded_and_disjoint():
     assert tb.heldout_alpha(aps, [0.3, 0.5, 0.7], seed=5)[2].tolist() != sel.tolist()
 
 
+def _verdict(overlap, rho, fusion_map, ci, bootstrap=1000):
+    """interpret() on held-out rows A 0.70, B 0.75, fusion F; the pair is stored as B - F (model first)."""
+    heldout = {"A": 0.70, "B": 0.75, "F": fusion_map}
+    pairs = [{"a": "B", "b": "F", "diff": 0.75 - fusion_map, "ci": [-ci[1], -ci[0]]}]
+    return tb.interpret(overlap, rho, 5, heldout, pairs, ("A", "B"), ["F"], 10, bootstrap)
+
+
 def test_interpretation_rules():
-    assert tb.interpret(2.5, 0.5, 0.8, 0.7, 0.75, 5).startswith("Fusion looks beneficial")
-    assert tb.interpret(2.5, 0.5, 0.7, 0.7, 0.75, 5).startswith("Mixed")      # fusion does not beat both
-    assert tb.interpret(4.5, 0.9, 0.9, 0.7, 0.75, 5).startswith("Fusion is not beneficial")
-    assert tb.interpret(3.5, 0.7, 0.9, 0.7, 0.75, 5).startswith("Mixed")
+    assert _verdict(2.5, 0.5, 0.8, (0.01, 0.09)).startswith("Fusion looks beneficial")  # CI of F - B above 0
+    assert _verdict(2.5, 0.5, 0.8, (-0.01, 0.09)).startswith("Mixed evidence: the CI includes 0")
+    assert _verdict(2.5, 0.5, 0.8, (0.05, 0.05), bootstrap=0).startswith("Mixed evidence: there is no CI")
+    assert _verdict(2.5, 0.5, 0.7, (-0.1, 0.0)).startswith("Fusion is not beneficial here")  # does not beat B
+    assert _verdict(4.5, 0.9, 0.9, (0.1, 0.2)).startswith("Fusion is not beneficial")
+    assert _verdict(3.5, 0.7, 0.9, (0.1, 0.2)).startswith("Mixed evidence: the backbones are not clearly diverse")
+    text = _verdict(2.5, 0.5, 0.8, (0.01, 0.09))
+    assert "held-out rows (10 queries)" in text and "+0.0500 (paired 95% CI [+0.0100, +0.0900])" in text
 
 
 # ----------------------------------------------------------------------------- files and main
@@ -161,7 +172,7 @@ def test_main_writes_exact_keys_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     res = json.loads((out / "backbone_comparison_results.json").read_text())
     assert list(res) == ["k", "num_queries", "model1", "model2", "mean_overlap", "pct_low_overlap", "mean_spearman",
-                         "std_spearman", "fusion", "fusion_zscore", "rrf", "heldout", "paired"]
+                         "std_spearman", "fusion", "fusion_zscore", "rrf", "heldout", "paired", "verdict"]
     assert list(res["model1"]) == ["name", "mAP@5", "R@1", "mAP"] and res["model1"]["name"] == "A"
     assert [list(f) for f in res["fusion"]] == [["alpha", "mAP@5"]] * 3
     assert [f["alpha"] for f in res["fusion_zscore"]] == [0.3, 0.5, 0.7]
@@ -287,18 +298,132 @@ def test_table_separates_pair_stats_and_heldout_on_same_queries(tmp_path, capsys
     assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--bootstrap", "200",
                             "--permutations", "200")) == 0
     text = capsys.readouterr().out
-    model_rows = [l for l in text.splitlines() if l.startswith(("ConvNeXtV2 ", "ConceptCLIP "))]
-    assert all("Overlap" not in l and "rho" not in l for l in model_rows)
-    assert "pair ConvNeXtV2 / ConceptCLIP: Mean Overlap@5" in text
+    model_rows = [l for l in text.splitlines() if l.startswith(("m1 ", "m2 ")) and "|" in l]  # named by file
+    assert len(model_rows) == 4 and all("Overlap" not in l and "rho" not in l for l in model_rows)
+    assert "pair m1 / m2: Mean Overlap@5" in text
     out = tmp_path / "out"
     res = json.loads((out / "backbone_comparison_results.json").read_text())
     with np.load(out / "backbone_comparison_results.npz") as z:
         ev = z["heldout_eval_indices"]
         # the held-out rows are each model on the SAME held-out queries, not the full-set means
-        assert res["paired"][f"mAP@5"]["ConvNeXtV2"] == pytest.approx(z["aps_model1"][ev].mean())
-        assert res["paired"][f"mAP@5"]["ConceptCLIP"] == pytest.approx(z["aps_model2"][ev].mean())
+        assert res["paired"][f"mAP@5"]["m1"] == pytest.approx(z["aps_model1"][ev].mean())
+        assert res["paired"][f"mAP@5"]["m2"] == pytest.approx(z["aps_model2"][ev].mean())
     assert res["paired"]["queries"] == len(ev) == 15
     pair = res["paired"]["pairs"][0]
-    assert (pair["a"], pair["b"]) == ("ConvNeXtV2", "ConceptCLIP")
-    assert pair["diff"] == pytest.approx(res["paired"]["mAP@5"]["ConvNeXtV2"] - res["paired"]["mAP@5"]["ConceptCLIP"])
+    assert (pair["a"], pair["b"]) == ("m1", "m2")
+    assert pair["diff"] == pytest.approx(res["paired"]["mAP@5"]["m1"] - res["paired"]["mAP@5"]["m2"])
     assert pair["significant"] == (pair["ci"][0] > 0 or pair["ci"][1] < 0)
+
+
+# ----------------------------------------------------------------------------- issue 19 (items 8, 14, 15, 20)
+
+def test_verdict_uses_the_heldout_rows_not_the_all_query_best(tmp_path, monkeypatch, capsys):
+    # Constructed per-query AP@5: model 1 0.5 and model 2 0.4 everywhere; fusion alpha 0.3 scores 1.0 on the
+    # queries that choose alpha and 0.2 on the held-out ones (all-query mean 0.6 > both models: the old verdict
+    # said "beneficial"); RRF and z-score 0.3. Diverse backbones (overlap 0, rho 0.1). Held out: fusion 0.2 < 0.5.
+    n, k = 20, 5
+    e1, e2, labels = random_sets(n)
+    a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
+    select = tb.heldout_alpha(np.zeros((1, n)), [0.5], seed=0)[2]
+    fusion = np.full((3, n), 0.1)
+    fusion[0] = 0.2
+    fusion[0, select] = 1.0
+    fake = {"top1": np.tile(np.arange(1, k + 1), (n, 1)), "top2": np.tile(np.arange(6, 6 + k), (n, 1)),
+            "ap1": np.full(n, 0.5), "ap2": np.full(n, 0.4), "r1_1": np.ones(n), "r1_2": np.ones(n),
+            "fullap1": np.full(n, 0.5), "fullap2": np.full(n, 0.4), "rho": np.full(n, 0.1), "fusion": fusion,
+            "zscore": np.full((3, n), 0.3), "rrf": np.full(n, 0.3), "overlap": np.zeros(n, np.int64)}
+    monkeypatch.setattr(tb, "compare_embeddings", lambda *a, **kw: fake)
+    assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--bootstrap", "200",
+                            "--permutations", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "Fusion looks beneficial" not in printed
+    res = json.loads((tmp_path / "out" / "backbone_comparison_results.json").read_text())
+    assert max(f["mAP@5"] for f in res["fusion"]) == pytest.approx(0.6)  # all queries: fusion beats both
+    verdict = res["verdict"]
+    assert verdict in printed
+    assert "beneficial" in verdict and not verdict.startswith(("Fusion looks beneficial", "Mixed"))
+    assert "held-out rows (10 queries)" in verdict and "RRF (k=60) 0.3000" in verdict and "m1 0.5000" in verdict
+
+
+def test_default_names_from_meta_else_file_stem(tmp_path, capsys):
+    e1, e2, labels = random_sets()
+    a, b = write_set(tmp_path, "emb_a", e1, labels), write_set(tmp_path, "emb_b", e2, labels)
+    from pathlib import Path
+    Path(a).with_name("emb_a_meta.json").write_text(json.dumps(
+        {"model_name": "convnextv2", "model_args": {"convnext_backbone": "convnextv2_atto", "embedding_dim": 16}}))
+    assert tb.main(args_for(tmp_path, a, b, "--visualize-samples", "0", "--bootstrap", "0",
+                            "--permutations", "0")) == 0
+    res = json.loads((tmp_path / "out" / "backbone_comparison_results.json").read_text())
+    assert (res["model1"]["name"], res["model2"]["name"]) == ("convnextv2 (convnextv2_atto)", "emb_b")
+    assert "ConvNeXtV2" not in capsys.readouterr().out
+    # the same model twice: the file names keep the rows apart; given names win
+    Path(b).with_name("emb_b_meta.json").write_text(Path(a).with_name("emb_a_meta.json").read_text())
+    assert tb.model_names(args_for(tmp_path, a, b)) == ("convnextv2 (convnextv2_atto) [emb_a]",
+                                                       "convnextv2 (convnextv2_atto) [emb_b]")
+    assert tb.model_names(args_for(tmp_path, a, b, "--model1-name", "X")) == ("X", "convnextv2 (convnextv2_atto)")
+
+
+def test_image_dir_typo_is_an_error_before_any_work(tmp_path):
+    e1, e2, labels = random_sets()
+    ids = [f"img{i}" for i in range(30)]
+    a, b = write_set(tmp_path, "m1", e1, labels, ids), write_set(tmp_path, "m2", e2, labels, ids)
+    with pytest.raises(ValueError, match=r"--image-dir .*imagse: not a folder"):
+        tb.main(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "imagse")))
+    (tmp_path / "other").mkdir()  # a folder without any of the images: the wrong folder
+    with pytest.raises(ValueError, match=r"--image-dir .*other: none of the 30 images \(e\.g\. img0\.png\)"):
+        tb.main(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "other")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_comparison_figure_marks_shared_results_and_keeps_text_inside(tmp_path, monkeypatch):
+    import matplotlib.figure
+    e1, e2, labels = random_sets()
+    ids = np.array([f"1.2.840.113619.2.55.3.{i:04d}.20200401.long-study-id" for i in range(30)])  # long ids
+    r = tb.compare_embeddings(tb._normalise(e1, "a"), tb._normalise(e2, "b"), labels, k=5, progress=False)
+    q = int(np.argmax(r["overlap"]))
+    assert r["overlap"][q] > 0
+    figs = []
+    orig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **kw: figs.append(self) or
+                        orig(self, *a, **kw))
+    names = ("hybrid_convnext_vit (convnextv2_tiny.fcmae_ft_in22k_in1k + vit_base_patch16_224.augreg_in21k)",
+             "conceptclip")
+    tb.plot_query(q, e1, e2, r["top1"], r["top2"], labels, ids, ["a", "b", "c"], names, lambda i: None, 5,
+                  int(r["overlap"][q]), tmp_path / "q.png", "high overlap")
+    fig = figs[0]
+    tags = [t for ax in fig.axes for t in ax.texts if t.get_text() == "both"]
+    assert len(tags) == 2 * r["overlap"][q]  # each shared result, in both rows
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)  # the figure was closed after saving: draw it again to measure the texts
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = fig.bbox
+    texts = [fig._suptitle] + [t for ax in fig.axes for t in [ax.title, ax.yaxis.label] if t.get_text()]
+    for t in texts:
+        ext = t.get_window_extent(renderer)
+        assert box.x0 - 1 <= ext.x0 and ext.x1 <= box.x1 + 1 and ext.y1 <= box.y1 + 1, t.get_text()
+
+
+def test_hierarchy_distance_is_used_and_recorded(tmp_path):
+    # angles 0, 10, 30, 100 with labels normal pneumonia COVID-19 COVID-19: nearest other image of q0..q3 is
+    # pneumonia, normal, pneumonia, COVID-19; AHD@1 = (2 + 2 + 1 + 0) / 4 by LCA height, (3/2 + 3/2 + 1) / 4 half
+    e, labels = circle([0, 10, 30, 100]), np.array([0, 1, 2, 2])
+    a, b = write_set(tmp_path, "m1", e, labels), write_set(tmp_path, "m2", e.copy(), labels)
+    hier = ["--hierarchy", "data/ontology/covidx_hierarchy.txt", "--class-names", "normal", "pneumonia", "COVID-19",
+            "--k", "1", "--visualize-samples", "0", "--bootstrap", "0", "--permutations", "0"]
+    from pathlib import Path
+    hier[1] = str(Path(tb.__file__).parent / hier[1])
+    for distance, ahd in (("lca-height", 5 / 4), ("half-path", 1.0)):
+        out = tmp_path / distance
+        args = tb.get_args_parser().parse_args(["--model1-embeddings", a, "--model2-embeddings", b, "--save-dir",
+                                                str(out), "--hierarchy-distance", distance, *hier])
+        assert tb.main(args) == 0
+        res = json.loads((out / "backbone_comparison_results.json").read_text())
+        assert res["model1"]["AHD@1"] == pytest.approx(ahd) and res["hierarchy"]["distance"] == distance
+    assert tb.get_args_parser().parse_args(["--model1-embeddings", a, "--model2-embeddings", b]).hierarchy_distance \
+        == "lca-height"
+
+
+def test_help_lines_do_not_repeat_their_default():
+    p = tb.get_args_parser()
+    assert [a.option_strings for a in p._actions if a.help and "default" in a.help.lower()] == []

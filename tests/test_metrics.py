@@ -46,9 +46,12 @@ def test_evaluate_leave_one_out():
     assert res["mAP@3"] == pytest.approx(11 / 20)      # (5/6 + 5/6 + 0 + 7/12 + 1/2) / 5
     assert res["MAP@R"] == pytest.approx(1 / 4)        # (1/2 + 1/2 + 0 + 1/4 + 0) / 5
     assert "mAP@1" not in res                          # it is R@1
-    # vote@3: A A A A A -> right for q0 q1 q3; vote@2 ties go to the higher-ranked label:
+    # vote@3: A A A A A -> right for q0 q1 q3; but class B has R = 1 < 3/2: a B query loses vote@3 even when
+    # ranked perfectly, so vote@3 is not reported (the vote itself is still A A A A A)
+    assert metrics.majority_vote(LABELS[metrics.rank(circle(ANGLES), LABELS, k=3).indices], 3).tolist() == [0] * 5
+    assert "3" not in res["vote"] and res["vote_k_without_majority"] == {"3": {"1": 1}}
+    # vote@2 ties go to the higher-ranked label:
     # q0 [A B] -> A, q1 [A B] -> A, q2 [A A] -> A, q3 [B A] -> B, q4 [A B] -> A
-    assert res["vote"]["3"]["accuracy"] == pytest.approx(3 / 5)
     assert res["vote"]["2"]["accuracy"] == pytest.approx(2 / 5)
     assert res["vote"]["2"]["confusion_matrix"] == [[2, 1], [2, 0]]
     assert res["per_class"]["0"]["R@1"] == pytest.approx(2 / 3)
@@ -265,3 +268,61 @@ def test_vote_k_above_gallery_is_skipped():
     res = metrics.evaluate(circle(ANGLES), LABELS, k_values=(1,), vote_k=(1, 5, 10))
     assert list(res["vote"]) == ["1"] and res["vote_skipped_k"] == [5, 10]
     assert all(math.isfinite(v) for v in res["vote"]["1"].values() if isinstance(v, float))
+
+
+# --------------------------------------------------------------------------- issue 19: hierarchy distance, vote@k
+
+COVIDX = ["normal", "pneumonia", "COVID-19"]
+
+
+def test_lca_height_and_half_path_on_the_unbalanced_covidx_tree():
+    # root -> normal; root -> abnormal -> {pneumonia, COVID-19}. Heights: abnormal 1, root 2 (root-abnormal-leaf).
+    lca = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], COVIDX)  # lca-height is the default
+    half = metrics.load_hierarchy(metrics.DEFAULT_HIERARCHIES["covid"], COVIDX, distance="half-path")
+    assert lca.distance_name == "lca-height" and half.distance_name == "half-path"
+    assert lca.distance.tolist() == [[0, 2, 2], [2, 0, 1], [2, 1, 0]] and lca.H == 2
+    assert half.distance.tolist() == [[0, 3 / 2, 3 / 2], [3 / 2, 0, 1], [3 / 2, 1, 0]] and half.H == 3 / 2
+
+
+def test_height_is_the_longest_path_down_and_balanced_trees_agree():
+    # unbalanced: root -> A, root -> X -> {B, Y -> {C, D}}: height(root) = 3 (root-X-Y-C), X 2, Y 1
+    text = "root -\nA root\nX root\nB X\nY X\nC Y\nD Y\n"
+    h = metrics.build_hierarchy(metrics.parse_hierarchy(text), ["A", "B", "C", "D"])
+    assert h.distance.tolist() == [[0, 3, 3, 3], [3, 0, 2, 2], [3, 2, 0, 1], [3, 2, 1, 0]] and h.H == 3
+    # balanced (every leaf at depth 2): both distances are the same, 1 within a parent and 2 across
+    text = "root -\nX root\nY root\nA X\nB X\nC Y\nD Y\n"
+    both = [metrics.build_hierarchy(metrics.parse_hierarchy(text), ["A", "B", "C", "D"], distance=d)
+            for d in metrics.HIERARCHY_DISTANCES]
+    assert both[0].distance.tolist() == both[1].distance.tolist() == [[0, 1, 2, 2], [1, 0, 2, 2], [2, 2, 0, 1],
+                                                                      [2, 2, 1, 0]]
+    r = metrics.hierarchical_metrics(np.array([[2]]), [0], [0, 1, 2], both[0], k_values=(1,))
+    assert r["AHD@1"] == 2 and r["hierarchy"]["distance"] == "lca-height"
+    with pytest.raises(ValueError, match="hierarchy distance 'path'"):
+        metrics.build_hierarchy(metrics.parse_hierarchy(text), ["A", "B", "C", "D"], distance="path")
+
+
+def test_vote_k_a_class_cannot_win_is_not_computed():
+    # three classes of 7 images, each its own direction (a perfect embedding). Leave-one-out R = 6: vote@20 sees
+    # the 6 own images and 14 of the other two classes, at least 7 of one of them, so every query loses: the old
+    # code reported accuracy 0.0 for a perfect ranking. Winnable iff 2R >= k: k = 12 yes, k = 13 and 20 no.
+    labels = np.repeat(np.arange(3), 7)
+    emb = np.eye(3)[labels] + 1e-3 * np.arange(21)[:, None] * np.array([[0, 0, 1]])
+    res = metrics.evaluate(emb, labels, k_values=(1,), vote_k=(1, 12, 13, 20), class_names=["a", "b", "c"])
+    assert list(res["vote"]) == ["1", "12"] and res["vote"]["12"]["accuracy"] == 1.0
+    assert res["vote_skipped_k"] == [13, 20]
+    assert res["vote_k_without_majority"] == {"13": {"a": 6, "b": 6, "c": 6}, "20": {"a": 6, "b": 6, "c": 6}}
+    # with a separate gallery a query class absent from it (R = 0) cannot be right at any k: not a k problem
+    # (query class 2); class 0 has R = 2: vote@4 is winnable (a 2-2 tie goes to the higher-ranked label), @5 not
+    res = metrics.evaluate(np.eye(3)[[0, 2]], [0, 2], np.eye(3)[[0, 0, 1, 1, 1]], [0, 0, 1, 1, 1], k_values=(1,),
+                           vote_k=(1, 4, 5))
+    assert list(res["vote"]) == ["1", "4"] and res["vote_k_without_majority"] == {"5": {"0": 2}}
+
+
+def test_paired_comparison_without_bootstrap_is_never_significant():
+    # n_boot 0 gives no CI (low = high = diff), so a non-zero difference must not be marked significant
+    a, b = np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
+    (row,) = metrics.paired_comparison({"a": a, "b": b}, n_boot=0, n_perm=0)
+    assert row["diff"] == 0.5 and row["ci"] == [0.5, 0.5]
+    assert row["significant"] is False
+    (row,) = metrics.paired_comparison({"a": a, "b": b}, n_boot=200, n_perm=0)
+    assert row["significant"] is (row["ci"][0] > 0)

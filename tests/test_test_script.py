@@ -190,12 +190,12 @@ def test_sibling_files_and_names_from_meta_and_vote_warning(npy_files, tmp_path,
     assert run(["--embeddings", p["emb"], "--save-dir", out, "--bootstrap", 0]) == 0  # labels, ids, patients found
     printed = capsys.readouterr().out
     assert "60 of 60 queries have another image of the same patient" in printed
-    # 20 images per class, leave-one-out: 19 relevant, so vote@20 cannot be won by a class alone
-    assert "vote@k for k = [20] exceeds the 19 gallery images" in printed
+    # 20 images per class, leave-one-out: 19 relevant, 2 * 19 >= 20, so every vote k can be won: all computed
+    assert "not computed" not in printed
     res = json.loads((out / "results.json").read_text())
     assert set(res["per_class"]) == {"normal", "pneumonia", "COVID-19"}
     assert set(res["vote"]["5"]["per_class"]) == {"normal", "pneumonia", "COVID-19"}
-    assert res["vote_k_above_smallest_class"] == [20] and res["smallest_class_gallery"]["relevant_images"] == 19
+    assert set(res["vote"]) == {"1", "5", "10", "15", "20"} and res["vote_k_without_majority"] == {}
     # hand-made arrays without a meta file keep their integer ids as names
     assert run(["--embeddings", tmp_path / "hand.npy" if np.save(tmp_path / "hand.npy", emb) is None else None,
                 "--labels", p["lab"], "--save-dir", tmp_path / "hand", "--bootstrap", 0]) == 0
@@ -231,3 +231,126 @@ def test_help_documents_every_flag_with_its_default(script):
     assert "(default:" in text
     if script == "test":
         assert "--train-image-list" not in text and "--val-image-list" not in text
+
+
+# ---------------------------------------------------------------- issue 19 (items 8, 10, 12, 20)
+
+def circle(deg):
+    a = np.radians(np.asarray(deg, dtype=np.float64))
+    return np.stack([np.cos(a), np.sin(a)], 1).astype(np.float32)
+
+
+@pytest.mark.parametrize("distance, ahd, ms, hp", [
+    # LOO nearest other image (angles 0, 10, 30, 100; normal pneumonia COVID-19 COVID-19):
+    #   q0 -> pneumonia, q1 -> normal, q2 -> pneumonia, q3 -> COVID-19
+    # LCA height: normal|disease = 2 (the root: root-abnormal-pneumonia), pneumonia|COVID-19 = 1, H = 2
+    ("lca-height", (2 + 2 + 1 + 0) / 4, (2 + 2 + 1) / 3, (0 + 0 + 1 / 2 + 1) / 4),
+    # half path: normal|disease = 3/2, pneumonia|COVID-19 = 1, H = 3/2
+    ("half-path", (3 / 2 + 3 / 2 + 1 + 0) / 4, (3 / 2 + 3 / 2 + 1) / 3, (0 + 0 + 1 / 3 + 1) / 4),
+])
+def test_hierarchy_distance_flag_is_used_and_recorded(tmp_path, distance, ahd, ms, hp):
+    e = _set(tmp_path, "e", circle([0, 10, 30, 100]), [0, 1, 2, 2], ["normal", "pneumonia", "COVID-19"])
+    extra = [] if distance == "lca-height" else ["--hierarchy-distance", distance]  # lca-height is the default
+    assert run(["--embeddings", e, "--save-dir", tmp_path / "r", "--k-values", 1, "--vote-k", 1,
+                "--bootstrap", 0] + extra) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["AHD@1"] == pytest.approx(ahd) and res["MS@1"] == pytest.approx(ms) and res["hP@1"] == pytest.approx(hp)
+    assert res["hierarchy"]["distance"] == distance
+
+
+def test_hierarchy_leaf_error_says_ids_are_the_names_without_meta(npy_files, tmp_path, capsys):
+    p, _, _ = npy_files  # e.npy without e_meta.json: the names are "0", "1", "2", whatever --dataset says
+    out = tmp_path / "never"
+    assert run(["--embeddings", p["emb"], "--dataset", "covid", "--hierarchy", metrics.DEFAULT_HIERARCHIES["covid"],
+                "--save-dir", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leaf" in err and "is not a class" in err
+    assert "e_meta.json does not exist, so the class names are the label ids" in err
+    assert "pass --class-names" in err and "label map" not in err and not out.exists()
+    # with --class-names the same tree fits
+    assert run(["--embeddings", p["emb"], "--hierarchy", metrics.DEFAULT_HIERARCHIES["covid"], "--save-dir", out,
+                "--class-names", "normal", "pneumonia", "COVID-19", "--bootstrap", 0]) == 0
+
+
+def test_vote_k_a_class_cannot_win_is_na_and_every_short_class_is_named(tmp_path, capsys):
+    # classes a, b, c, d with 4, 5, 6, 30 images, each class its own direction (a perfect embedding).
+    # Leave-one-out R = 3, 4, 5, 29. vote@k is lost by construction when 2R < k:
+    #   k = 10: a (6 < 10), b (8 < 10); k = 20: a, b, c (10 < 20); k = 1, 5: every class can win
+    sizes = [4, 5, 6, 30]
+    labels = np.repeat(np.arange(4), sizes)
+    e = _set(tmp_path, "e", np.eye(4)[labels] + 0.01 * np.arange(len(labels))[:, None] % 0.05, labels,
+             ["a", "b", "c", "d"])
+    assert run(["--embeddings", e, "--save-dir", tmp_path / "r", "--k-values", 1, "--vote-k", 1, 5, 10, 20,
+                "--bootstrap", 0, "--hierarchy", "none"]) == 0
+    printed = capsys.readouterr().out
+    assert "vote@k for k = [10, 20] not computed (n/a)" in printed and "'a' 3, 'b' 4, 'c' 5" in printed
+    rows = {l.split()[0]: l.split()[1] for l in printed.splitlines() if l[:2] in ("1 ", "5 ", "10", "20")}
+    assert rows["10"] == rows["20"] == "n/a" and rows["1"] == rows["5"] == "1.0000"
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(res["vote"]) == {"1", "5"} and res["vote_skipped_k"] == [10, 20]
+    assert res["vote_k_without_majority"] == {"10": {"a": 3, "b": 4}, "20": {"a": 3, "b": 4, "c": 5}}
+
+
+def test_examples_title_uses_singular_for_one(tmp_path, monkeypatch):
+    from PIL import Image
+    import matplotlib.figure
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"i{i}.png")
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(paths[-1])
+    rel = np.array([[False], [True], [True]])  # one failure, two successes
+    r = metrics.Ranking(indices=np.array([[1], [0], [0]]), sims=np.ones((3, 1), np.float32), relevant=rel, ap=None,
+                        map_at_r=None, num_relevant=None, num_candidates=np.full(3, 2), exclude_self=True,
+                        exclude_same_group=False)
+    s = {"labels": np.array([0, 1, 1]), "image_ids": np.array(["i0", "i1", "i2"]),
+         "patient_ids": np.array(["p0", "p1", "p2"]), "paths": paths}
+    titles = []
+    orig = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, t, **kw: titles.append(t) or orig(self, t, **kw))
+    test_script.plot_examples(r, s, s, ["x", "y"], 3, 0, tmp_path / "ex.png", k=1)
+    assert titles[0].startswith("1 failure (top-1 of another class) and 2 successes")
+
+
+def _fusion_checkpoint(tmp_path):
+    model_mod = pytest.importorskip("model")
+    head = model_mod.build_model("fusion", backbone="fusion-concat:8,8", embedding_dim=4)
+    path = tmp_path / "fusion_best_ckpt.pth"
+    torch.save(model_mod.make_checkpoint(head, epoch=1), path)
+    return path
+
+
+def test_fusion_checkpoint_is_one_line_before_any_work(demo_data, tmp_path, capsys, monkeypatch):
+    # needs model.load_checkpoint to refuse a learned-fusion head for image tools (model.CheckpointError)
+    ckpt = _fusion_checkpoint(tmp_path)
+    out = tmp_path / "never"
+    monkeypatch.setattr("ood.load_reference", lambda *a, **kw: pytest.fail("OOD reference fitted before the check"))
+    np.save(tmp_path / "ref.npy", np.ones((4, 4), np.float32))
+    assert run(["--resume", ckpt, "--dataset-dir", demo_data, "--test-image-list", demo_data / "test_split.txt",
+                "--device", "cpu", "--ood-reference", tmp_path / "ref.npy", "--save-dir", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("test.py: error:") and str(ckpt) in err
+    assert not out.exists()
+
+
+def test_checkpoint_is_checked_before_anything_else_reads_it(demo_data, tmp_path, capsys, monkeypatch):
+    import model as model_mod
+
+    def refuse(path, **kw):
+        raise model_mod.CheckpointError(f"checkpoint {path} is of a kind test.py cannot use")
+    monkeypatch.setattr(model_mod, "load_checkpoint", refuse)
+    monkeypatch.setattr("ood.load_reference", lambda *a, **kw: pytest.fail("OOD reference fitted before the check"))
+    monkeypatch.setattr("ood.checkpoint_embedding_dim", lambda *a: pytest.fail("checkpoint read before the check"))
+    monkeypatch.setattr(test_script, "ImageListDataset", lambda *a, **kw: pytest.fail("lists read before the check"))
+    assert run(["--resume", demo_data / "test_split.txt", "--dataset-dir", demo_data, "--test-image-list",
+                demo_data / "test_split.txt", "--ood-reference", tmp_path / "ref.npy", "--dataset", "generic",
+                "--save-dir", tmp_path / "never"]) == 2
+    assert capsys.readouterr().err.strip() == f"test.py: error: checkpoint {demo_data / 'test_split.txt'} is of a " \
+                                              f"kind test.py cannot use"
+
+
+def test_own_help_lines_do_not_repeat_their_default():
+    from dataset import get_data_parser
+    shared = {a.dest for a in get_data_parser(lists=("test",))._actions}  # dataset.py's flags: not test.py's
+    own = [a for a in test_script.get_args_parser()._actions if a.dest not in shared and a.help]
+    assert [a.option_strings for a in own if "default" in a.help.lower().replace("by default", "")] == []
