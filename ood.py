@@ -16,7 +16,9 @@ ID = queries whose label is among the training labels; OOD = queries of --ood-cl
 Hu et al., WACV 2022: train without COVID-19, detect it as the anomaly). Metrics and their convention: CONVENTION.
 
 From saved embeddings (extract_embeddings.py output; X_labels.npy, X_image_ids.npy, X_patient_ids.npy and
-X_meta.json beside X.npy are found by default):
+X_meta.json beside X.npy are found by default; without --ood-classes, the classes the model was trained without
+are the OOD classes, as in checkpoint mode: the training embeddings' X_meta.json "exclude_classes" field, else
+the train.py --exclude-classes stored in the checkpoint its "resume" entry names):
     python ood.py --train-embeddings emb/train.npy --embeddings emb/test.npy --ood-classes COVID-19 \\
         --method knn --k 50 --save-dir results/ood
     python ood.py --train-embeddings emb/train.npy --train-labels emb/train_labels.npy --embeddings emb/test.npy \\
@@ -469,17 +471,17 @@ def get_args_parser():
                                 parents=[get_data_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("from saved embeddings (extract_embeddings.py layout; siblings found by default)")
     g.add_argument("--train-embeddings", type=Path, default=None, help="(N, D) .npy of the archive / training side")
-    g.add_argument("--train-labels", type=Path, default=None, help="(N,) int .npy (default: X_labels.npy beside)")
+    g.add_argument("--train-labels", type=Path, default=None, help="(N,) int .npy; None = X_labels.npy beside")
     g.add_argument("--train-patient-ids", type=Path, default=None,
-                   help="(N,) .npy; makes the calibration split patient-disjoint (default: X_patient_ids.npy beside)")
+                   help="(N,) .npy; makes the calibration split patient-disjoint; None = X_patient_ids.npy beside")
     g.add_argument("--embeddings", type=Path, default=None, help="(Q, D) .npy of the queries")
-    g.add_argument("--labels", type=Path, default=None, help="(Q,) int .npy of the queries (default: beside)")
-    g.add_argument("--image-ids", type=Path, default=None, help="(Q,) .npy of query image ids (default: beside)")
+    g.add_argument("--labels", type=Path, default=None, help="(Q,) int .npy of the queries; None = beside")
+    g.add_argument("--image-ids", type=Path, default=None, help="(Q,) .npy of query image ids; None = beside")
     g.add_argument("--ood-embeddings", type=Path, nargs="+", default=None,
                    help="one or more .npy whose every row is OOD (e.g. lateral views, other body parts)")
     g.add_argument("--val-embeddings", type=Path, default=None,
-                   help="ID validation embeddings for the threshold (default: a seeded split of the training side)")
-    g.add_argument("--val-labels", type=Path, default=None, help="(V,) int .npy (default: beside)")
+                   help="ID validation embeddings for the threshold; None = a seeded split of the training side")
+    g.add_argument("--val-labels", type=Path, default=None, help="(V,) int .npy; None = beside")
     g.add_argument("--text-embeddings", type=Path, default=None,
                    help="mcm: (C, D) .npy, one class-prompt text embedding per class name, in class-index order")
     g = p.add_argument_group("from a checkpoint and lists (uses the data flags above: --dataset-dir, "
@@ -487,12 +489,12 @@ def get_args_parser():
     g.add_argument("--resume", type=Path, default=None, help="checkpoint written by train.py")
     g.add_argument("--ood-image-list", type=Path, default=None, help="list whose every image is OOD")
     g.add_argument("--ood-dataset-dir", type=Path, default=None,
-                   help="image folder of --ood-image-list (default: the test image folder)")
+                   help="image folder of --ood-image-list; None = the test image folder")
     g.add_argument("--ood-transforms", default="",
                    help=f"comma-separated far-OOD copies of the ID test images, each reported separately: "
                         f"{','.join(FAR_OOD)} (or all)")
     g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None = cuda when available")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for the embedding")
     g = p.add_argument_group("scoring")
     g.add_argument("--method", default="knn", choices=METHODS, help="OOD score; larger = more unusual")
@@ -504,8 +506,9 @@ def get_args_parser():
     g.add_argument("--prompt-template", default=DEFAULT_PROMPT, help="mcm: prompt per class name ({} = the name)")
     g.add_argument("--temperature", type=float, default=1.0, help="mcm: softmax temperature (Ming et al.: 1)")
     g.add_argument("--ood-classes", nargs="+", default=None, metavar="NAME",
-                   help="label names whose queries are OOD (dropped from the training/validation side); with "
-                        "--resume the checkpoint's --exclude-classes by default")
+                   help="label names whose queries are OOD (dropped from the training/validation side); None = "
+                        "the train.py --exclude-classes of the model's checkpoint (--resume, or the one named in "
+                        "the training embeddings' _meta.json)")
     g.add_argument("--accept", type=float, default=0.95, help="share of ID calibration rows the threshold accepts")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="without validation embeddings: share of the training side held out for the threshold")
@@ -705,6 +708,27 @@ def _class_names(args, sets, notes):
     return names
 
 
+def excluded_classes(es):
+    """(class names the model of an embedding set was trained without, where that was read), or (None, why not).
+
+    train.py --exclude-classes is a property of the checkpoint: X_meta.json's own "exclude_classes" field when
+    it has one, else the training args stored in the checkpoint its "resume" entry names (read, not built).
+    """
+    meta = es.meta or {}
+    if "exclude_classes" in meta:
+        return list(meta["exclude_classes"] or []), f"{sibling(es.source, '_meta.json')}"
+    ckpt = meta.get("resume")
+    if not ckpt:
+        return None, None  # no checkpoint behind these embeddings (a frozen or untrained model): nothing excluded
+    try:
+        stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("args") or {}
+    except Exception as e:
+        return None, (f"the checkpoint {ckpt} named in {sibling(es.source, '_meta.json')} cannot be read "
+                      f"({type(e).__name__}), so the classes it was trained without (train.py --exclude-classes) "
+                      f"are unknown; pass --ood-classes if it excluded any")
+    return list(stored.get("exclude_classes") or []), f"the checkpoint {ckpt}"
+
+
 def inputs_from_files(args):
     notes = []
     train = load_embedding_set(args.train_embeddings, "--train-embeddings", args.train_labels, None,
@@ -733,6 +757,14 @@ def inputs_from_files(args):
     if len({(m[1], m[2]) for m in metas if m[1] is not None}) > 1:
         notes.append(f"the embeddings come from different models/checkpoints ({metas}); their spaces do not match")
     names = _class_names(args, [train, queries, val], notes)
+    if args.ood_classes is None:  # as checkpoint mode: the classes the model never saw are the OOD classes
+        excluded, where = excluded_classes(train)
+        if excluded:
+            args.ood_classes = excluded
+            notes.append(f"--ood-classes not given: {where} was trained with --exclude-classes "
+                         f"{' '.join(excluded)}, so those are the OOD classes")
+        elif excluded is None and where:
+            notes.append(where)
     plan = make_plan(args, names, train, queries, val, None if text is None else len(text))
     plan.notes[:0] = notes
     return Inputs(train, queries, val, ood, {}, names, plan, text, str(args.train_embeddings))
@@ -836,26 +868,29 @@ def plot(path, id_scores, ood_scores, far_scores, threshold, method):
     import matplotlib.pyplot as plt
     from pytorch_ood.metrics import functional as F
     sets = [("ID", id_scores), ("OOD", ood_scores)] + [(f"far-OOD: {n}", s) for n, s in far_scores.items()]
-    sets = [(n, np.asarray(s)) for n, s in sets if len(s)]
+    # one colour per set, fixed before anything is drawn, so a set looks the same in both panels
+    sets = [(n, np.asarray(s), f"C{i}") for i, (n, s) in enumerate(sets) if len(s)]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    allv = np.concatenate([s for _, s in sets])
+    allv = np.concatenate([s for _, s, _ in sets])
     bins = np.linspace(allv.min(), allv.max() + 1e-12, 31)
-    for name, s in sets:
-        a.hist(s, bins=bins, histtype="step" if name.startswith("far") else "stepfilled", alpha=0.45 if
-               not name.startswith("far") else 1.0, density=True, label=f"{name} ({len(s)})")
+    for name, s, colour in sets:
+        far = name.startswith("far")
+        a.hist(s, bins=bins, histtype="step" if far else "stepfilled", alpha=1.0 if far else 0.45, density=True,
+               color=colour, label=f"{name} ({len(s)})")
     a.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
     a.set_xlabel(f"{method} score (larger = more unusual)"), a.set_ylabel("density"), a.legend(fontsize=8)
+    a.set_title(f"{method} scores per set; flagged = score > threshold (dashed)", fontsize=9)
     b.plot([0, 1], [0, 1], color="0.7", lw=1)
     drawn = False
-    for name, s in sets[1:]:
+    for name, s, colour in sets[1:]:
         if len(id_scores) == 0:
             break
         sc = torch.as_tensor(np.concatenate([id_scores, s]))
         lab = torch.as_tensor(np.r_[np.zeros(len(id_scores)), -np.ones(len(s))])
         fpr, tpr, _ = F.roc_curve(sc, lab)
         auc = float(F.auroc(sc, lab))
-        b.plot(fpr.numpy(), tpr.numpy(), label=f"{name}: AUROC {auc:.3f}")
-        b.plot([np.mean(id_scores > threshold)], [np.mean(s > threshold)], "ko", ms=4)
+        b.plot(fpr.numpy(), tpr.numpy(), color=colour, label=f"{name}: AUROC {auc:.3f}")
+        b.plot([np.mean(id_scores > threshold)], [np.mean(s > threshold)], "o", color=colour, mec="k", ms=5)
         drawn = True
     if drawn:
         b.legend(fontsize=8, loc="lower right")

@@ -12,6 +12,10 @@
 # Multi-GPU extraction: NPROC=4 (torchrun). CPU: DEVICE=cpu. Any two models: MODEL1_ARGS / MODEL2_ARGS hold the
 # extract_embeddings.py model flags (e.g. MODEL2_ARGS="--resume other_best_ckpt.pth").
 # Interpreter: PYTHON=/path/to/venv/bin/python (default: python on PATH); it must import torch.
+# Before any folder is made or image embedded, every model is checked in one line each: a checkpoint that is no
+# image model (e.g. a train_fusion.py head) and pretrained weights missing offline (ConceptCLIP) stop the run.
+# A query's own patient's images are not counted as results (EXCLUDE_SAME_PATIENT=1, the default since issue 19,
+# as in the demo; 0 keeps them).
 # Embeddings already in EMB_DIR are reused (REEXTRACT=1 extracts again). Results already in OUT_DIR are never
 # replaced silently: the script stops unless --overwrite (or OVERWRITE=1) is given.
 # Options: -h/--help (this text), --overwrite. Everything else is set through the environment variables below.
@@ -51,7 +55,7 @@ NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --n
 K=${K:-5}
 FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
 VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
-EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-0}
+EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-1}    # 1: a query's own patient's images are not results (as the demo); 0: kept
 SEED=${SEED:-0}
 TRAIN_LIST=${TRAIN_LIST:-}                      # training list for the learned fusion (demo: its train_split.txt)
 LEARNED_FUSION=${LEARNED_FUSION:-1}             # 0: skip train_fusion.py (needs TRAIN_LIST)
@@ -85,9 +89,7 @@ DEMO_SAVE_DIR=${DEMO_SAVE_DIR:-checkpoints/demo}
 # ----------------------------------------------------------------------------- the two models
 if [[ -z "$DATASET_DIR" ]]; then
     echo "== no DATASET_DIR set: running the demo on $DEMO_DIR (set DATASET_DIR, TEST_LIST, CONVNEXT_CKPT for real data)"
-    if [[ ! -f "$DEMO_DIR/test_split.txt" ]]; then
-        "$PYTHON" data/make_demo_data.py --out "$DEMO_DIR"
-    fi
+    DEMO_MODE=1
     DATASET_DIR=$DEMO_DIR
     TEST_LIST=${TEST_LIST:-$DEMO_DIR/test_split.txt}
     TRAIN_LIST=${TRAIN_LIST:-$DEMO_DIR/train_split.txt}
@@ -96,11 +98,10 @@ if [[ -z "$DATASET_DIR" ]]; then
             DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
         fi
         if [[ -z "$DEMO_CKPT" ]]; then
-            echo "== training the tiny demo model ($DEMO_EPOCHS epochs) into $DEMO_SAVE_DIR"
-            "$PYTHON" train.py --demo --dataset-dir "$DEMO_DIR" --epochs "$DEMO_EPOCHS" --save-dir "$DEMO_SAVE_DIR"
-            DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth | head -n 1)
+            TRAIN_DEMO=1                        # trained below, once every check has passed
+        else
+            MODEL1_ARGS="--resume $DEMO_CKPT"
         fi
-        MODEL1_ARGS="--resume $DEMO_CKPT"
         MODEL1_NAME=${MODEL1_NAME:-demo-trained}
     fi
     # Untrained: random weights, so the demo needs no download; the point is to see the workflow run.
@@ -120,8 +121,6 @@ else
         MODEL1_ARGS="--resume $CONVNEXT_CKPT"
     fi
     MODEL2_ARGS=${MODEL2_ARGS:-"--model conceptclip --conceptclip-path $CONCEPTCLIP_PATH"}
-    MODEL1_NAME=${MODEL1_NAME:-ConvNeXtV2}
-    MODEL2_NAME=${MODEL2_NAME:-ConceptCLIP}
 fi
 if [[ -n "$TEST_DATASET_DIR" ]]; then
     IMAGE_DIR=$TEST_DATASET_DIR
@@ -129,6 +128,46 @@ elif [[ -d "$DATASET_DIR/test" ]]; then
     IMAGE_DIR=$DATASET_DIR/test
 else
     IMAGE_DIR=$DATASET_DIR
+fi
+
+# ----------------------------------------------------------------------------- every model, before any work
+# A checkpoint that is no image model (a train_fusion.py head under the same *_best_ckpt.pth naming) and
+# pretrained weights that are not on this machine offline (ConceptCLIP) stop the run here, in one line, before a
+# folder is made or an image embedded; model.check_weights looks at files and the hub cache only.
+CHECK_MODELS=$(cat <<'PY'
+import argparse, shlex, sys
+import model as M
+p = argparse.ArgumentParser(add_help=False, parents=[M.get_model_parser()], exit_on_error=False)
+p.add_argument("--resume", default=None)
+p.set_defaults(model=None)
+for var, flags in zip(sys.argv[1::2], sys.argv[2::2]):
+    try:
+        a, _ = p.parse_known_args(shlex.split(flags))  # the other extract_embeddings.py flags are its own business
+        if a.resume:  # rebuilt from the checkpoint without downloads; ConceptCLIP still needs its code and config
+            ckpt = M.read_checkpoint(a.resume, kind="image")
+            M.check_weights(ckpt["model_name"], dict(ckpt["model_args"], pretrained=False))
+        else:
+            name, args = M.model_args_from_cli(a)
+            M.check_weights(name or "hybrid_convnext_vit", args)  # extract_embeddings.py's default model
+    except (ValueError, argparse.ArgumentError) as e:
+        sys.exit(f"error: {var}=\"{flags}\": {e}")
+PY
+)
+MODELS_TO_CHECK=()
+[[ -n "$MODEL1_ARGS" ]] && MODELS_TO_CHECK+=(MODEL1_ARGS "$MODEL1_ARGS")
+MODELS_TO_CHECK+=(MODEL2_ARGS "$MODEL2_ARGS")
+if ! "$PYTHON" -c "$CHECK_MODELS" "${MODELS_TO_CHECK[@]}"; then
+    exit 2
+fi
+
+if [[ "${DEMO_MODE:-0}" == 1 && ! -f "$DEMO_DIR/test_split.txt" ]]; then
+    "$PYTHON" data/make_demo_data.py --out "$DEMO_DIR"
+fi
+if [[ "${TRAIN_DEMO:-0}" == 1 ]]; then
+    echo "== training the tiny demo model ($DEMO_EPOCHS epochs) into $DEMO_SAVE_DIR"
+    "$PYTHON" train.py --demo --dataset-dir "$DEMO_DIR" --epochs "$DEMO_EPOCHS" --save-dir "$DEMO_SAVE_DIR"
+    DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth | head -n 1)
+    MODEL1_ARGS="--resume $DEMO_CKPT"
 fi
 
 # ----------------------------------------------------------------------------- steps 1 and 2: embeddings
@@ -182,12 +221,15 @@ fi
 # ----------------------------------------------------------------------------- step 3: comparison
 read -r -a ALPHAS <<< "$FUSION_ALPHAS"
 CMP=(--model1-embeddings "$EMB_DIR/model1.npy" --model2-embeddings "$EMB_DIR/model2.npy"
-     --model1-name "$MODEL1_NAME" --model2-name "$MODEL2_NAME" --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
+     --image-dir "$IMAGE_DIR" --image-list "$TEST_LIST"
      --save-dir "$OUT_DIR" --k "$K" --visualize-samples "$VISUALIZE_SAMPLES" --fusion-alphas "${ALPHAS[@]}"
      --seed "$SEED" "${LEARNED[@]}")
+# names: MODEL1_NAME / MODEL2_NAME when set, else test_backbone.py names each set from its _meta.json
+[[ -n "$MODEL1_NAME" ]] && CMP+=(--model1-name "$MODEL1_NAME")
+[[ -n "$MODEL2_NAME" ]] && CMP+=(--model2-name "$MODEL2_NAME")
 [[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
 [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
-echo "== comparing $MODEL1_NAME and $MODEL2_NAME"
+echo "== comparing ${MODEL1_NAME:-model 1} and ${MODEL2_NAME:-model 2}"
 "$PYTHON" test_backbone.py "${CMP[@]}"
 
 echo

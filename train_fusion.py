@@ -5,19 +5,24 @@ may be ordered differently; the checkpoint is chosen on a patient-disjoint valid
 never on the test list):
   python train_fusion.py --embeddings emb/train_convnext.npy emb/train_conceptclip.npy --head mlp \
       --save-dir checkpoints/fusion --epochs 30
-Apply to the test list's embeddings of the same models (same order of --embeddings as in training); writes
-fused.npy and its _labels/_image_ids/_patient_ids/_meta files in the extract_embeddings.py layout, so test.py
-and test_backbone.py (--learned-embeddings) read it unchanged:
+Apply to the test list's embeddings of the same models (same order of --embeddings as in training: the
+checkpoint records each input's model from its _meta.json, and an input in another input's place is refused;
+a set whose meta names no model is accepted with a warning); writes fused.npy and its
+_labels/_image_ids/_patient_ids/_meta files in the extract_embeddings.py layout, so test.py and test_backbone.py
+(--learned-embeddings) read it unchanged (--output belongs to --apply; training refuses it):
   python train_fusion.py --apply checkpoints/fusion/RUN/RUN_best_ckpt.pth \
       --embeddings emb/convnext.npy emb/conceptclip.npy --output emb/fused.npy
 Heads: concat (Linear over the normalised concatenation), mlp (Linear-LayerNorm-ReLU-Linear), gated (per-image
 softmax weights over the inputs' normalised, projected embeddings); model "fusion" of model.py's registry.
 Training: the toolkit's P x K sampler (dataset.PKSampler) and triplet loss (losses.TripletLoss), Adam.
 Outputs in --save-dir/RUN, RUN = fusion_{head}_embed_{dim}_seed_{seed}: args.json, log.jsonl,
-RUN_last_ckpt.pth, RUN_best_ckpt.pth (best validation mAP@10), in train.py's checkpoint format.
+RUN_last_ckpt.pth, RUN_best_ckpt.pth (best validation mAP@10), in train.py's checkpoint format. A validation
+split where some image has no same-class image of another patient is warned about before training (those
+images score AP 0), and so is a validation mAP@10 that stays 0 (then "best" is just the last epoch).
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +49,7 @@ def get_args_parser():
     p.add_argument("--save-dir", type=Path, default=Path("checkpoints/fusion"), help="folder of the run folder")
     p.add_argument("--epochs", type=int, default=30, help="training epochs")
     p.add_argument("-p", "--labels-per-batch", dest="p", type=int, default=None,
-                   help="classes per batch (default: all classes, at most 8)")
+                   help="classes per batch; None = all classes, at most 8")
     p.add_argument("-k", "--samples-per-label", dest="k", type=int, default=16, help="images per class per batch")
     p.add_argument("--margin", type=float, default=0.2, help="triplet margin")
     p.add_argument("--mining", choices=("batch_hard", "batch_all", "semihard"), default="batch_hard",
@@ -54,10 +59,11 @@ def get_args_parser():
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the training images (whole patients) held out to choose the epoch")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the sampler and the head's init")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the head is small: cpu is the default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the head is small)")
     p.add_argument("--apply", type=Path, default=None, metavar="CKPT",
                    help="apply this fusion checkpoint to --embeddings and write --output")
-    p.add_argument("--output", type=Path, default=None, help="fused .npy written by --apply")
+    p.add_argument("--output", type=Path, default=None,
+                   help="fused .npy written by --apply (with --apply only: training writes into --save-dir/RUN)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder / --output files")
     return p
 
@@ -111,7 +117,9 @@ def load_sets(paths):
     out = [e0]
     for p, e, ids, side in sets[1:]:
         if len(e) != len(e0) or set(ids) != set(ids0):
-            only0, only1 = sorted(set(ids0) - set(ids))[:3], sorted(set(ids) - set(ids0))[:3]
+            # plain str: numpy 2 prints np.str_ elements of a list as np.str_('...')
+            only0 = [str(v) for v in sorted(set(ids0) - set(ids))[:3]]
+            only1 = [str(v) for v in sorted(set(ids) - set(ids0))[:3]]
             raise ValueError(f"{p0} ({len(e0)} rows) and {p} ({len(e)} rows) are not of the same images "
                              f"(only in the first: {only0}, only in the second: {only1}); extract both from "
                              f"the same image list")
@@ -124,6 +132,64 @@ def load_sets(paths):
                 raise ValueError(f"labels of {p0} and {p} disagree on {int((a != b).sum())} images")
         out.append(e[order])
     return out, labels.astype(np.int64), ids0, pids, names
+
+
+def input_identity(path):
+    """What produced an embedding set, from its X_meta.json: file name, model name, model args and checkpoint.
+
+    model_name is None when the meta does not say (no X_meta.json, or one without a model): identity unknown.
+    A plain dict of strings (and the meta's model_args), so it can live in a weights_only checkpoint.
+    """
+    meta_path = dataset.embedding_sidecars(path)["meta"]
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path}: not a readable JSON file ({e})") from e
+    ckpt = meta.get("resume") or meta.get("checkpoint")  # extract_embeddings.py / a fused set of --apply
+    return {"file": Path(path).name, "model_name": meta.get("model_name"), "model_args": meta.get("model_args"),
+            "checkpoint": None if ckpt is None else os.path.normpath(str(ckpt))}
+
+
+def _identity_key(ident):
+    """Comparable identity (None when unknown); the file name is left out: train and test sets differ in it."""
+    if not ident or ident.get("model_name") is None:
+        return None
+    return ident["model_name"], json.dumps(ident.get("model_args"), sort_keys=True), ident.get("checkpoint")
+
+
+def _describe(ident):
+    what = ident["model_name"] + (f" from {ident['checkpoint']}" if ident.get("checkpoint") else "")
+    return f"{ident['file']} ({what})"
+
+
+def check_input_order(trained, given, ckpt_path):
+    """ValueError when an input sits where the head saw another model's embeddings in training (a swap of
+    equal-width inputs passes the width check and fuses nonsense); a list of warnings when it cannot tell."""
+    if not trained:
+        return [f"--apply {ckpt_path} records no input models (written before train_fusion.py stored them): the "
+                f"order of --embeddings cannot be checked; give them in the training order"]
+    old, new = [_identity_key(t) for t in trained], [_identity_key(g) for g in given]
+    for i, key in enumerate(new):
+        if key is not None and key != old[i] and key in old:
+            j = old.index(key)
+            raise ValueError(f"--embeddings are in another order than in training: input {i + 1} "
+                             f"{_describe(given[i])} is the model of training input {j + 1} "
+                             f"{_describe(trained[j])}; --apply {ckpt_path} expects "
+                             f"{', '.join(t['model_name'] or t['file'] for t in trained)} in this order")
+    warnings = []
+    for i, (o, n) in enumerate(zip(old, new)):
+        if n is None:
+            warnings.append(f"input {i + 1} ({given[i]['file']}): its _meta.json names no model, so its position "
+                            f"cannot be checked; it must hold the embeddings of training input {i + 1}'s model "
+                            f"({_describe(trained[i]) if o is not None else trained[i]['file']})")
+        elif o is None:
+            warnings.append(f"input {i + 1} ({given[i]['file']}): the _meta.json of training input {i + 1} "
+                            f"({trained[i]['file']}) named no model, so its position cannot be checked")
+        elif o != n:
+            warnings.append(f"input {i + 1} {_describe(given[i])} is not the model the head was trained on there "
+                            f"({_describe(trained[i])}); the fused embeddings mean something only for the same "
+                            f"models")
+    return warnings
 
 
 def fuse_input(sets):
@@ -147,14 +213,38 @@ def validation_map(head, x, labels, patient_ids, device):
     return float(metrics.map_at_k(labels[idx] == labels[:, None], k).mean())
 
 
+def validation_warning(labels, patient_ids):
+    """None, or what is wrong with a validation split whose mAP@10 cannot choose an epoch: a query with no
+    other image of its class (from another patient) scores AP 0 whatever the head does."""
+    groups = patient_ids is not None
+    _, rel = metrics.candidate_counts(labels, query_groups=patient_ids, exclude_same_group=groups)
+    hopeless = int((rel == 0).sum())
+    if hopeless == 0:
+        return None
+    whose = "image of their class from another patient" if groups else "other image of their class"
+    what = (f"val {SELECTION_METRIC} is 0 in every epoch and cannot choose one (the last epoch becomes 'best')"
+            if hopeless == len(labels) else
+            f"they count as AP 0, so val {SELECTION_METRIC} is at most {1 - hopeless / len(labels):.4f}")
+    return (f"{hopeless} of {len(labels)} validation images have no {whose} in the validation split: {what}; "
+            f"give more images (at least two patients per class in validation) or a larger --val-fraction")
+
+
 def train(args):
+    if args.output is not None:
+        raise ValueError(f"--output {args.output} is written by --apply only; training writes its checkpoints "
+                         f"into --save-dir/RUN: drop --output, then apply the best checkpoint with "
+                         f"--apply CKPT --embeddings ... --output {args.output}")
     sets, labels, ids, pids, names = load_sets(args.embeddings)
+    identities = [input_identity(p) for p in args.embeddings]
     if args.epochs < 1 or args.k < 1 or args.embedding_dim < 1:
         raise ValueError("--epochs, -k and --embedding-dim must be >= 1")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction {args.val_fraction}: must lie in (0, 1) (selection needs validation)")
     groups = pids if pids is not None else ids  # no patient ids: each image its own patient
     tr, va = dataset.patient_split(groups, labels, args.val_fraction, args.seed)
+    val_warning = validation_warning(labels[va], None if pids is None else pids[va])
+    if val_warning:
+        print(f"warning: {val_warning}", file=sys.stderr)
     n_cls = len(np.unique(labels[tr]))
     p = args.p if args.p is not None else min(n_cls, 8)
     sampler = dataset.PKSampler(labels[tr], p, args.k, seed=args.seed)
@@ -175,7 +265,8 @@ def train(args):
     opt = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run_dir.mkdir(parents=True, exist_ok=True)
     plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    utils.save_json(dict(plain, input_dims=dims, train_images=len(tr), val_images=len(va)), run_dir / "args.json")
+    utils.save_json(dict(plain, input_dims=dims, input_models=identities, train_images=len(tr), val_images=len(va),
+                         val_warning=val_warning), run_dir / "args.json")
     log = run_dir / "log.jsonl"
     log.write_text("")
     print(f"{len(ids)} images: {len(tr)} train / {len(va)} validation (patient-disjoint); inputs {dims} -> "
@@ -203,7 +294,8 @@ def train(args):
         history.append(row)
         state = M.make_checkpoint(head, optimizer=opt.state_dict(), epoch=epoch, best_metric=best,
                                   best_epoch=best_epoch, selection_metric=f"val {SELECTION_METRIC}", args=plain,
-                                  history=history, class_names=names, fusion_inputs=[str(p) for p in args.embeddings])
+                                  history=history, class_names=names, fusion_inputs=[str(p) for p in args.embeddings],
+                                  fusion_input_models=identities)
         utils.atomic_torch_save(state, run_dir / f"{stem}_last_ckpt.pth")
         if improved:
             utils.atomic_torch_save(state, run_dir / f"{stem}_best_ckpt.pth")
@@ -213,10 +305,23 @@ def train(args):
               + ("  *best*" if improved else ""), flush=True)
     print(f"trained in {time.time() - t_start:.1f} s; best val {SELECTION_METRIC} {best:.4f} at epoch {best_epoch}: "
           f"{run_dir / (stem + '_best_ckpt.pth')}")
+    if best <= 0:
+        print(f"warning: val {SELECTION_METRIC} stayed 0.0000 in all {args.epochs} epochs, so it chose nothing: the "
+              f"'best' checkpoint is the last epoch. "
+              + (val_warning or "No validation image found a same-class image in its top 10: check the labels, "
+                                "train longer or raise --lr."), file=sys.stderr)
     return 0
 
 
 # ----------------------------------------------------------------------------- apply
+
+def load_fusion_checkpoint(path):
+    """(fusion head, checkpoint dict); another kind of checkpoint (train.py's image models) is one line."""
+    try:
+        return M.load_checkpoint(path, kind="fusion")
+    except M.CheckpointError as e:
+        raise ValueError(f"--apply: {e}") from e
+
 
 def apply(args):
     if args.output is None:
@@ -226,15 +331,15 @@ def apply(args):
     existing = [str(p) for p in out.values() if p.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"--output {args.output}: {', '.join(existing)} exist; pass --overwrite to replace them")
-    try:
-        head, ckpt = M.load_checkpoint(args.apply, expected_model="fusion")
-    except M.CheckpointError as e:
-        raise ValueError(str(e)) from e
+    head, ckpt = load_fusion_checkpoint(args.apply)
     sets, labels, ids, pids, names = load_sets(args.embeddings)
     dims = [s.shape[1] for s in sets]
     if dims != head.input_dims:
         raise ValueError(f"--apply {args.apply} was trained on inputs of widths {head.input_dims}, --embeddings "
                          f"give {dims}; pass the same models' embeddings in the same order")
+    for w in check_input_order(ckpt.get("fusion_input_models"), [input_identity(p) for p in args.embeddings],
+                               args.apply):
+        print(f"warning: {w}", file=sys.stderr)
     utils.check_writable_dir(out["embeddings"].parent, "--output")
     out["embeddings"].parent.mkdir(parents=True, exist_ok=True)
     fused = embed(head, fuse_input(sets), torch.device("cpu")).astype(np.float32)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import build_model, make_checkpoint
+from model import build_model, fusion_spec, make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_backbone_comparison.sh"
@@ -42,6 +42,8 @@ def test_demo_end_to_end(demo_data, tmp_path):
     # the learned fusion: trained on the training list's embeddings, applied to the test list's, its row printed
     assert (out / "embeddings" / "fused.npy").is_file() and "Learned mlp fusion" in res["paired"]["mAP@5"]
     assert "Learned mlp fusion" in proc.stdout
+    # same-patient results are excluded by default, as in the demo (EXCLUDE_SAME_PATIENT=1)
+    assert "excluding same-patient images" in proc.stdout
     # second run: the results already there are never replaced silently
     refused = run_script(env)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and "== extracting" not in refused.stdout
@@ -82,3 +84,28 @@ def test_seed_passed_and_workers_not_forced():
     text = SCRIPT.read_text()
     assert '--seed "$SEED"' in text and "WORKERS=${WORKERS:-}" in text and '"${PYTHON:-python}"' not in text
     assert "PYTHON=${PYTHON:-python}" in text
+
+
+def test_fusion_checkpoint_refused_in_one_line_before_any_folder(tmp_path):
+    # a train_fusion.py head has the same *_best_ckpt.pth naming as an image model's checkpoint
+    head = build_model("fusion", backbone=fusion_spec("concat", [4, 4]), embedding_dim=4, pretrained=False)
+    ckpt = tmp_path / "fusion_concat_best_ckpt.pth"
+    torch.save(make_checkpoint(head, epoch=1), ckpt)
+    out = tmp_path / "r"
+    proc = run_script({"DEMO_DIR": str(tmp_path / "demo"), "DEMO_CKPT": str(ckpt), "OUT_DIR": str(out)}, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert f"{ckpt} is a learned fusion head" in proc.stderr and "train_fusion.py --apply" in proc.stderr
+    assert not out.exists() and not (tmp_path / "demo").exists()  # no embeddings folder, no demo data
+
+
+def test_missing_weights_refused_before_the_first_extraction(tmp_path):
+    # model 1 needs nothing; model 2 (ConceptCLIP) has no weights here: stop before model 1 is extracted
+    out = tmp_path / "r"
+    proc = run_script({"DEMO_DIR": str(tmp_path / "demo"), "OUT_DIR": str(out),
+                       "MODEL1_ARGS": "--model convnextv2 --convnext-backbone convnextv2_atto --no-pretrained",
+                       "MODEL2_ARGS": f"--model conceptclip --conceptclip-path {tmp_path / 'no_conceptclip'}"},
+                      timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "MODEL2_ARGS" in proc.stderr and f"--conceptclip-path {tmp_path / 'no_conceptclip'}: folder not found" \
+        in proc.stderr
+    assert "== extracting" not in proc.stdout and not out.exists() and not (tmp_path / "demo").exists()

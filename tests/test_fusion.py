@@ -1,5 +1,6 @@
 """train_fusion.py and the paired statistics of metrics.py: hand-made score vectors and planted signals."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_fusion_head_beats_both_inputs_and_weighted_sum_on_held_out(tmp_path, he
     assert tf.main(train_args(tmp_path, [fa, fb], "--head", head, "--embedding-dim", "16",
                                      "--epochs", epochs)) == 0
     ckpt = next((tmp_path / "ck").glob(f"fusion_{head}_*/*_best_ckpt.pth"))
-    model, state = M.load_checkpoint(ckpt)  # model.py's reader rebuilds the head from the checkpoint alone
+    model, state = M.load_checkpoint(ckpt, kind="fusion")  # rebuilt from the checkpoint alone
     assert model.model_name == "fusion" and state["selection_metric"] == "val mAP@10"
     # held-out images, never seen in training
     ta, tb_, ty = planted_sets(400, seed=1)
@@ -243,3 +244,89 @@ def test_test_py_compares_runs_on_the_same_queries(tmp_path, capsys):
     assert "not the 6 queries" in capsys.readouterr().err and not (tmp_path / "d" / "results.json").exists()
     assert run("e", "--compare-with", str(tmp_path / "nothing")) == 2
     assert "no per_query.npz" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- issue 19: inputs, advice, warnings
+
+def with_model(path, model_name, checkpoint, names=("a", "b", "c", "d")):
+    """Give a set's _meta.json the model identity extract_embeddings.py records."""
+    meta = {"class_names": list(names), "model_name": model_name, "model_args": {"embedding_dim": 66},
+            "resume": checkpoint}
+    Path(path).with_name(Path(path).stem + "_meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_apply_refuses_equal_width_inputs_in_swapped_order(tmp_path, capsys):
+    a, b, y = planted_sets(120, seed=6)                  # both 66 wide: the width check cannot tell them apart
+    ids, tids = [f"i{i}" for i in range(120)], [f"t{i}" for i in range(120)]
+    names = ["a", "b", "c", "d"]
+    fa = with_model(write_set(tmp_path, "train_m1", a, y, ids), "convnextv2", "ck/m1.pth")
+    fb = with_model(write_set(tmp_path, "train_m2", b, y, ids), "conceptclip", None)
+    assert tf.main(train_args(tmp_path, [fa, fb], "--epochs", "1", "--head", "concat")) == 0
+    ckpt = str(next((tmp_path / "ck").glob("*/*_best_ckpt.pth")))
+    # the test list's sets: other file names, the same models
+    ta = with_model(write_set(tmp_path, "m1", a, y, tids, names=names), "convnextv2", "./ck/m1.pth")
+    tb = with_model(write_set(tmp_path, "m2", b, y, tids, names=names), "conceptclip", None)
+    out = tmp_path / "fused.npy"
+    apply = lambda *files: tf.main(tf.get_args_parser().parse_args(  # noqa: E731
+        ["--apply", ckpt, "--embeddings", *files, "--output", str(out), "--overwrite"]))
+    with pytest.raises(ValueError, match=r"another order than in training: input 1 m2.npy \(conceptclip\) is the "
+                                         r"model of training input 2"):
+        apply(tb, ta)
+    assert not out.exists()
+    capsys.readouterr()
+    assert apply(ta, tb) == 0 and "warning" not in capsys.readouterr().err  # the training order: no warning
+    # no model in a set's meta: accepted, with a warning that the order cannot be checked
+    tc = write_set(tmp_path, "m3", b, y, tids, names=names)
+    assert apply(ta, tc) == 0
+    assert "input 2 (m3.npy): its _meta.json names no model, so its position cannot be checked" \
+        in capsys.readouterr().err
+
+
+def test_apply_refuses_an_image_model_checkpoint_with_advice_it_can_follow(tmp_path):
+    ckpt = tmp_path / "convnext_best_ckpt.pth"
+    torch.save({"format": M.CHECKPOINT_FORMAT, "format_version": 1, "model_name": "convnextv2",
+                "model_args": {}, "embedding_dim": 8, "model": {}}, ckpt)
+    a, b, y = planted_sets(20, seed=7)
+    ids = [f"i{i}" for i in range(20)]
+    files = [write_set(tmp_path, "a", a, y, ids), write_set(tmp_path, "b", b, y, ids)]
+    with pytest.raises(ValueError) as e:
+        tf.main(tf.get_args_parser().parse_args(["--apply", str(ckpt), "--embeddings", *files,
+                                                 "--output", str(tmp_path / "f.npy")]))
+    msg = str(e.value)
+    # train_fusion.py has no --model flag: the advice names what to give instead
+    assert "--model" not in msg and "'convnextv2'" in msg and "train_fusion.py" in msg
+    assert not (tmp_path / "f.npy").exists()
+
+
+def test_mismatched_ids_are_printed_as_plain_strings(tmp_path):
+    a, b, y = planted_sets(10, seed=8)
+    fa = write_set(tmp_path, "a", a, y, [f"i{i}" for i in range(10)])
+    fb = write_set(tmp_path, "b", b, y, [f"j{i}" for i in range(10)])
+    with pytest.raises(ValueError) as e:
+        tf.load_sets([fa, fb])
+    assert "only in the first: ['i0', 'i1', 'i2']" in str(e.value) and "np.str_" not in str(e.value)
+
+
+def test_training_refuses_output_before_any_work(tmp_path):
+    a, b, y = planted_sets(40, seed=9)
+    ids = [f"i{i}" for i in range(40)]
+    files = [write_set(tmp_path, "a", a, y, ids), write_set(tmp_path, "b", b, y, ids)]
+    with pytest.raises(ValueError, match="--output .* is written by --apply only"):
+        tf.main(train_args(tmp_path, files, "--output", str(tmp_path / "f.npy")))
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "f.npy").exists()
+
+
+def test_validation_that_cannot_choose_an_epoch_is_warned(tmp_path, capsys):
+    # 4 classes x 2 patients x 5 images; --val-fraction 0.5 moves one patient per class to validation, so no
+    # validation image has another patient's image of its class: AP 0 for every query, whatever the head does
+    y = np.repeat(np.arange(4), 10)
+    pids = [f"p{c}_{(i % 10) // 5}" for i, c in enumerate(y)]
+    ids = [f"i{i}" for i in range(40)]
+    a, b, _ = planted_sets(40, seed=10)
+    files = [write_set(tmp_path, "a", a, y, ids, pids), write_set(tmp_path, "b", b, y, ids)]
+    assert tf.main(train_args(tmp_path, files, "--epochs", "2", "--val-fraction", "0.5", "-k", "4")) == 0
+    err = capsys.readouterr().err
+    assert "20 of 20 validation images have no image of their class from another patient" in err
+    assert "stayed 0.0000 in all 2 epochs" in err and "larger --val-fraction" in err
+    assert json.loads(next((tmp_path / "ck").glob("*/args.json")).read_text())["val_warning"].startswith("20 of 20")

@@ -371,3 +371,60 @@ def test_test_script_ood_reference(emb_dir, tmp_path, capsys):
                                                    str(tmp_path / "r2")]
     assert test_script.main(test_script.get_args_parser().parse_args(bad)) == 2
     assert "8-d reference" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 19
+
+def test_embeddings_mode_takes_the_checkpoints_excluded_class_as_ood(demo_data, tiny_ckpt, tmp_path, capsys):
+    import extract_embeddings as ee
+    emb = tmp_path / "emb"
+    for name, lst, folder in (("train", "train_split.txt", "train"), ("test", "test_split.txt", "test")):
+        assert ee.main(ee.get_args_parser().parse_args(
+            ["--resume", str(tiny_ckpt), "--dataset-dir", str(demo_data), "--test-image-list", str(demo_data / lst),
+             "--test-dataset-dir", str(demo_data / folder), "--output", str(emb / f"{name}.npy"), "--workers", "0",
+             "--device", "cpu"])) == 0
+    out = tmp_path / "from_emb"
+    assert run_ood("--train-embeddings", emb / "train.npy", "--embeddings", emb / "test.npy", "--k", 2,
+                   "--save-dir", out) == 0
+    assert f"the checkpoint {tiny_ckpt} was trained with --exclude-classes COVID-19" in capsys.readouterr().out
+    res = json.loads((out / "ood.json").read_text())
+    # the numbers of checkpoint mode (test_main_checkpoint_far_ood): 9 COVID-19 training rows dropped, the
+    # test patient's 3 COVID-19 queries are OOD, the other 6 ID
+    assert res["ood_classes"] == ["COVID-19"] and res["id_classes"] == ["normal", "pneumonia"]
+    assert (res["counts"]["train_rows"], res["counts"]["train_rows_used"], res["counts"]["queries"]) == (27, 18, 9)
+    assert (res["counts"]["id"], res["counts"]["ood"]) == (6, 3) and res["metrics"]["AUROC"] is not None
+    # a field in the meta wins over the checkpoint it names
+    meta = json.loads((emb / "train_meta.json").read_text())
+    (emb / "train_meta.json").write_text(json.dumps(dict(meta, exclude_classes=["pneumonia"])))
+    assert run_ood("--train-embeddings", emb / "train.npy", "--embeddings", emb / "test.npy", "--k", 2,
+                   "--save-dir", tmp_path / "meta_field") == 0
+    assert json.loads((tmp_path / "meta_field" / "ood.json").read_text())["ood_classes"] == ["pneumonia"]
+    # an explicit --ood-classes still wins over both
+    assert run_ood("--train-embeddings", emb / "train.npy", "--embeddings", emb / "test.npy", "--k", 2,
+                   "--ood-classes", "normal", "--save-dir", tmp_path / "flag") == 0
+    assert json.loads((tmp_path / "flag" / "ood.json").read_text())["ood_classes"] == ["normal"]
+
+
+def test_ood_png_one_colour_per_set_in_both_panels_and_titles(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    figs = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figs.append(fig), close(fig)))
+    rng = np.random.default_rng(0)
+    ood.plot(tmp_path / "ood.png", rng.normal(0, 1, 40), rng.normal(3, 1, 20), {"invert": rng.normal(5, 1, 15)},
+             1.5, "knn")
+    hist_ax, roc_ax = figs[0].axes
+    assert hist_ax.get_title() and roc_ax.get_title()
+    hist = {}
+    for handle, label in zip(*hist_ax.get_legend_handles_labels()):
+        if not label.startswith("threshold"):
+            colour = handle.get_edgecolor() if label.startswith("far") else handle.get_facecolor()
+            hist[label.rsplit(" (", 1)[0]] = to_rgb(colour[:3])
+    roc = {line.get_label().split(": AUROC")[0]: to_rgb(line.get_color()) for line in roc_ax.get_lines()
+           if ": AUROC" in line.get_label()}
+    assert set(roc) == {"OOD", "far-OOD: invert"} and set(hist) == {"ID", "OOD", "far-OOD: invert"}
+    assert all(roc[name] == hist[name] for name in roc), (hist, roc)
+    assert len(set(hist.values())) == 3  # and the sets differ from each other
