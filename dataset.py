@@ -663,6 +663,18 @@ def align_class_names(query_names, query_labels, gallery_names, gallery_labels, 
     return names, q, (remap[g] if len(g) else g)
 
 
+def get_gallery_parser():
+    """Parent parser of the gallery flags (test.py, explain.py, audit_data.py): one definition each."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("gallery (retrieval archive)")
+    g.add_argument("--gallery-image-list", type=Path, default=None,
+                   help="the retrieval archive: queries are searched against these images instead of leave-one-out "
+                        "(audit_data.py audits it like the other lists)")
+    g.add_argument("--gallery-dataset-dir", type=Path, default=None,
+                   help="folder of the gallery images; not given: the training folder of --dataset-dir")
+    return p
+
+
 def get_data_parser(lists=("train", "val", "test"), test_help="test list (images in the test folder)"):
     """The data flags shared by the scripts; `lists` picks the list flags a script actually reads."""
     from utils import default_workers

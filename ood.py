@@ -85,6 +85,18 @@ CONVENTION = {
 
 # ----------------------------------------------------------------------------- scores
 
+def get_ood_warning_parser():
+    """Parent parser of the OOD-warning flags that test.py and explain.py take: one definition each."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("out-of-distribution warning (ood.py)")
+    g.add_argument("--ood-reference", type=Path, default=None,
+                   help="archive embedding set TRAIN_EMB.npy: each query gets an OOD score (larger = more unusual) "
+                        "and a flag at the threshold that accepts 95%% of a seeded held-out part of the archive")
+    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
+    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
+    return p
+
+
 def knn_scores(train, query, k, backend="torch", chunk_size=None, device=None):
     """(Q,) float64: distance of each L2-normalised query row to its k-th nearest L2-normalised training row.
 

@@ -173,6 +173,18 @@ def save_json(obj, path):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def save_figure(fig, path, dpi=100):
+    """Save a matplotlib figure atomically (PNG, or the format of the suffix) and close it: a reader never
+    sees a half-written image, and a failed save leaves the previous file in place."""
+    import matplotlib.pyplot as plt
+
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    try:
+        _atomic_replace(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt))
+    finally:
+        plt.close(fig)
+
+
 def check_writable_dir(path, flag="--save-dir"):
     """Check that `path` is (or could be created as) a writable folder, creating nothing.
 
@@ -293,6 +305,64 @@ def print_args(args):
     print(f"git: {git_revision()}")
     for key, value in sorted(vars(args).items()):
         print(f"  {key}: {value}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def run_main(run, args, prog):
+    """The one CLI error wrapper: main(args) of every entry point is `return run_main(run, args, "PROG.py")`.
+    Bad input (ValueError, FileNotFoundError: raised before any work) becomes one readable line,
+    `PROG.py: error: ...`, and exit code 2, never a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def one_line(e):
+    """An exception's message on one line (library messages sometimes span several)."""
+    return " ".join(str(e).split())
+
+
+AMP_CHOICES = ("off", "bf16", "fp16", "auto")
+
+
+def get_runtime_parser(flags=("device", "amp", "eval_batch_size", "chunk_size")):
+    """Parent parser of the runtime flags several scripts take: one type, one default and one help each.
+
+    --device: None = cuda when available, else cpu. --amp: autocast precision, off by default so that printed
+    numbers are fp32 unless asked; `--amp` alone = auto = bf16 on CUDA, off on CPU (what the eval scripts' old
+    switch did); bf16 also on CPU when named; fp16 only on CUDA.
+    --eval-batch-size: images per batch when embedding. --chunk-size: query rows per similarity block
+    (memory grows with it, never N x M); None = the metric's own default.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    if "device" in flags:
+        g.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; not given: cuda when available")
+    if "amp" in flags:
+        g.add_argument("--amp", choices=AMP_CHOICES, nargs="?", const="auto", default="off",
+                       help="autocast precision; --amp alone = auto = bf16 on CUDA, off on CPU")
+    if "eval_batch_size" in flags:
+        g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
+    if "chunk_size" in flags:
+        g.add_argument("--chunk-size", type=int, default=None,
+                       help="query rows per similarity block (memory grows with it); not given: automatic")
+    return p
+
+
+def resolve_amp(amp, device):
+    """--amp value -> autocast dtype or None (fp32). `True`/`False` from older args.json files still work."""
+    if amp is True:
+        amp = "bf16"
+    if amp in (False, None):
+        amp = "off"
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (its GradScaler exists for GPU fp16); use --amp bf16 or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -93,3 +93,54 @@ def test_progress_prints_lines_without_a_terminal():
 def test_check_writable_dir_creates_nothing(tmp_path):
     target = tmp_path / "a" / "b"
     assert utils.check_writable_dir(target) == target and not (tmp_path / "a").exists()
+
+
+def test_run_main_turns_bad_input_into_one_line_and_keeps_bugs(capsys):
+    def bad(args):
+        raise ValueError("list a.txt:3: unknown label 'x'\n  allowed: normal, pneumonia")
+
+    assert utils.run_main(bad, None, "tool.py") == 2
+    assert capsys.readouterr().err == "tool.py: error: list a.txt:3: unknown label 'x' allowed: normal, pneumonia\n"
+    assert utils.run_main(lambda a: 0, None, "tool.py") == 0
+
+    def bug(args):
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        utils.run_main(bug, None, "tool.py")
+
+
+def test_save_figure_is_atomic_and_leaves_the_old_file_on_failure(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "f.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    utils.save_figure(fig, path)
+    first = path.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and not plt.get_fignums()
+
+    def broken(f, **kw):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    fig, _ = plt.subplots()
+    fig.savefig = broken
+    with pytest.raises(OSError):
+        utils.save_figure(fig, path)
+    assert path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]
+
+
+def test_runtime_flags_have_one_type_and_default():
+    import argparse
+    p = argparse.ArgumentParser(parents=[utils.get_runtime_parser()])
+    a = p.parse_args([])
+    assert (a.device, a.amp, a.eval_batch_size, a.chunk_size) == (None, "off", 32, None)
+    assert p.parse_args(["--amp"]).amp == "auto" and p.parse_args(["--amp", "bf16"]).amp == "bf16"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.resolve_amp("auto", cpu) is None and utils.resolve_amp("auto", cuda) is torch.bfloat16
+    assert utils.resolve_amp(True, cuda) is torch.bfloat16 and utils.resolve_amp(False, cuda) is None
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        utils.resolve_amp("fp16", cpu)
