@@ -18,6 +18,7 @@ them, so metric code and tests can read sets without building anything.
 import datetime
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -317,8 +318,8 @@ def model_identity(meta):
 
     Current meta: a checkpoint by its sha256 (the path may differ), else model name + arguments + weights
     (+ seed for random init). Older files: "resume" (extract_embeddings.py) or "checkpoint"
-    (train_fusion.py --apply) by the path as written, else name + arguments. None without a meta file.
-    An older file and a current one of the same checkpoint differ (one has a path, the other a hash).
+    (train_fusion.py --apply) by the path as written (os.path.normpath), else name + arguments. None without a
+    meta file. An older file and a current one of the same checkpoint differ (one has a path, the other a hash).
     """
     if not meta:
         return None
@@ -331,8 +332,8 @@ def model_identity(meta):
         extra = f" seed {src.get('seed')}" if src.get("weights") == "random init" else ""
         return f"{name} {args} weights {src.get('weights')}{extra}"
     for key in ("resume", "checkpoint"):
-        if meta.get(key):
-            return f"{name} checkpoint {meta[key]}"
+        if meta.get(key):  # "./ck/a.pth" and "ck/a.pth" are one checkpoint (train_fusion.py compared them so)
+            return f"{name} checkpoint {os.path.normpath(str(meta[key]))}"
     random_init = (meta.get("model_args") or {}).get("pretrained") is False
     return f"{name} {args}" + (f" seed {meta.get('seed')}" if random_init else "")
 

@@ -172,6 +172,7 @@ def _hub_has(repo_id, filenames):
 def _check_timm_weights(name, weights, flag):
     """One timm backbone's pretrained weights: the local file, else the timm/Hugging Face cache when offline."""
     fix = (f"give a local weight file with {flag} FILE, or use --no-pretrained (random initialisation)")
+    check_timm_name(name)  # a typo is a typo: --no-pretrained would not help
     if weights is not None:
         if not Path(weights).is_file():
             raise WeightsUnavailableError(f"{flag} {weights}: file not found; {fix}")
@@ -247,18 +248,23 @@ def check_weights(model_name, model_args):
             _check_timm_weights(name, weights, flag)
 
 
-def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretrained-weights"):
-    """A timm model without classifier (num_classes=0): forward_features + forward_head(pre_logits).
-
-    Weights: `weights` (local file) wins over `pretrained` (timm hub); otherwise random init.
-    img_size is passed only to models that take it (ViTs); conv nets are size-agnostic.
-    """
+def check_timm_name(name):
+    """An unknown timm name is refused with the closest known names (before weights are looked for)."""
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         import difflib
         close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown timm model '{name}' (set by --backbone, --convnext-backbone or "
                          f"--vit-backbone){hint} (all names: timm.list_models())")
+
+
+def create_backbone(name, pretrained, weights=None, img_size=None, flag="--pretrained-weights"):
+    """A timm model without classifier (num_classes=0): forward_features + forward_head(pre_logits).
+
+    Weights: `weights` (local file) wins over `pretrained` (timm hub); otherwise random init.
+    img_size is passed only to models that take it (ViTs); conv nets are size-agnostic.
+    """
+    check_timm_name(name)
     kwargs = {"num_classes": 0}
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -375,14 +381,6 @@ def feature_shape(backbone, img_size):
 
 def is_spatial(shape, backbone):
     """An NCHW map (B, C, H, W) with C the feature width: what MXA, a CAM and simcam act on."""
-    return len(shape) == 4 and shape[1] == backbone.num_features
-
-
-def has_spatial_map(backbone, img_size):
-    """True when forward_features gives an NCHW map (B, C, H, W) with C the feature width: the layout MXA
-    (and a CAM) acts on. Token outputs (ViT, MLP-Mixer, ResMLP, gMLP, LeViT, CoaT: (B, N, C)) and NHWC
-    maps (Swin: (B, H, W, C)) are not."""
-    shape = feature_shape(backbone, img_size)
     return len(shape) == 4 and shape[1] == backbone.num_features
 
 
@@ -797,9 +795,9 @@ def compute_embeddings(model, loader, device, amp_dtype=None, channels_last=Fals
                        desc="embedding"):
     """Embed every batch of `loader` (items (image, label, index) as ImageListDataset's).
 
-    Returns (indices int64 (n,), embeddings float32 (n, D)) in loader order; callers place rows by
-    index, so shuffled or sharded loaders still give rows in list order. The model's train/eval
-    mode is restored afterwards. The one embedding loop of train.py, test.py and extract_embeddings.py.
+    Returns (indices int64 (n,), embeddings float32 (n, D)) in loader order. The model's train/eval
+    mode is restored afterwards. The one embedding loop underneath embeddings.embed_dataset, which every
+    script calls: it places the rows by index in list order and gathers torchrun shards.
     """
     was_training = model.training
     model.eval()

@@ -332,8 +332,8 @@ def get_runtime_parser(flags=("device", "amp", "eval_batch_size", "chunk_size"))
     """Parent parser of the runtime flags several scripts take: one type, one default and one help each.
 
     --device: None = cuda when available, else cpu. --amp: autocast precision, off by default so that printed
-    numbers are fp32 unless asked; `--amp` alone = auto = bf16 on CUDA, off on CPU (what the eval scripts' old
-    switch did); bf16 also on CPU when named; fp16 only on CUDA.
+    numbers are fp32 unless asked; `--amp` alone = auto = bf16 on a CUDA GPU that supports it, else off (what
+    the eval scripts' old switch did on such GPUs); bf16 also on CPU when named; fp16 only on CUDA.
     --eval-batch-size: images per batch when embedding. --chunk-size: query rows per similarity block
     (memory grows with it, never N x M); None = the metric's own default.
     """
@@ -358,8 +358,8 @@ def resolve_amp(amp, device):
         amp = "bf16"
     if amp in (False, None):
         amp = "off"
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "auto":  # bf16 where the GPU has it (Ampere and later); fp32 elsewhere, never a silent fp16
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (its GradScaler exists for GPU fp16); use --amp bf16 or off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]

@@ -287,8 +287,6 @@ def test_save_checks_the_set_before_writing_anything(tmp_path):
 SIDECAR_NAMES = ("_labels.npy", "_image_ids.npy", "_patient_ids.npy", "_meta.json")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: the tools still read the files themselves until they call "
-                                       "embeddings.py; remove this mark when they do")
 def test_sidecar_file_names_appear_in_embeddings_py_only():
     users = {p.name: [s for s in SIDECAR_NAMES if s in p.read_text(encoding="utf-8")]
              for p in sorted(ROOT.glob("*.py")) if p.name != "embeddings.py"}

@@ -512,3 +512,9 @@ def test_check_weights_conceptclip(offline_empty_cache, tmp_path):
     assert M.check_weights("conceptclip", {"conceptclip_path": str(local)}) is None
     with pytest.raises(M.WeightsUnavailableError, match="folder not found"):
         M.check_weights("conceptclip", {"conceptclip_path": str(tmp_path / "missing")})
+
+
+def test_check_weights_refuses_an_unknown_timm_name_as_a_typo():
+    # an unknown name must not be told to try --no-pretrained (that fails too): it is a typo
+    with pytest.raises(ValueError, match="unknown timm model 'resnet18x'.*did you mean resnet18"):
+        M.check_weights("timm", {"backbone": "resnet18x", "pretrained": True})

@@ -133,14 +133,18 @@ def test_save_figure_is_atomic_and_leaves_the_old_file_on_failure(tmp_path):
     assert path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["f.png"]
 
 
-def test_runtime_flags_have_one_type_and_default():
+def test_runtime_flags_have_one_type_and_default(monkeypatch):
     import argparse
     p = argparse.ArgumentParser(parents=[utils.get_runtime_parser()])
     a = p.parse_args([])
     assert (a.device, a.amp, a.eval_batch_size, a.chunk_size) == (None, "off", 32, None)
     assert p.parse_args(["--amp"]).amp == "auto" and p.parse_args(["--amp", "bf16"]).amp == "bf16"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert utils.resolve_amp("auto", cpu) is None and utils.resolve_amp("auto", cuda) is torch.bfloat16
+    assert utils.resolve_amp("auto", cpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert utils.resolve_amp("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert utils.resolve_amp("auto", cuda) is None
     assert utils.resolve_amp(True, cuda) is torch.bfloat16 and utils.resolve_amp(False, cuda) is None
     with pytest.raises(ValueError, match="fp16 needs a CUDA"):
         utils.resolve_amp("fp16", cpu)
