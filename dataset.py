@@ -608,61 +608,6 @@ def patient_split(patient_ids, labels, val_fraction, seed):
     return np.array(train, dtype=np.int64), np.array(val, dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------------------------
-# saved embedding sets (the files extract_embeddings.py writes beside X.npy)
-
-
-def embedding_sidecars(path):
-    """The files written beside X.npy: X_labels.npy, X_image_ids.npy, X_patient_ids.npy, X_meta.json."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix == ".npy" else path
-    return {"labels": Path(f"{stem}_labels.npy"), "image_ids": Path(f"{stem}_image_ids.npy"),
-            "patient_ids": Path(f"{stem}_patient_ids.npy"), "meta": Path(f"{stem}_meta.json")}
-
-
-def read_class_names(embeddings_path):
-    """Class names (index order) from X_meta.json beside X.npy; None when there is no meta file."""
-    import json
-    meta = embedding_sidecars(embeddings_path)["meta"]
-    if not meta.is_file():
-        return None
-    try:
-        names = json.loads(meta.read_text()).get("class_names")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta}: not a readable JSON file ({e})") from e
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"{meta}: class_names must be a list of distinct strings, got {names!r}")
-    return names
-
-
-def align_class_names(query_names, query_labels, gallery_names, gallery_labels, query_file, gallery_file):
-    """One class id per class NAME across a query set and a gallery set extracted separately.
-
-    Each set's ids index its own names (a generic list numbers the classes it happens to contain), so the
-    same id can mean two classes. Returns (names, query_labels, gallery_labels) with the gallery relabelled
-    into the query's numbering (names only the gallery has are appended). A set without names is an error
-    when the other has them: ids alone cannot be matched to names.
-    """
-    q, g = np.asarray(query_labels, dtype=np.int64), np.asarray(gallery_labels, dtype=np.int64)
-    if query_names is None and gallery_names is None:
-        return None, q, g
-    if query_names is None or gallery_names is None:
-        missing, other = (query_file, gallery_file) if query_names is None else (gallery_file, query_file)
-        raise ValueError(f"{other} carries class names (its _meta.json) but {missing} has none, so their label "
-                         f"ids cannot be matched by class; re-extract {missing} with extract_embeddings.py, or "
-                         f"give both sets without _meta.json files and the same integer ids")
-    for names, lab, f in ((query_names, q, query_file), (gallery_names, g, gallery_file)):
-        if len(lab) and (lab.min() < 0 or lab.max() >= len(names)):
-            raise ValueError(f"{f}: label ids {lab.min()}..{lab.max()} do not fit its {len(names)} class names "
-                             f"{names}; the labels and the _meta.json come from different extractions")
-    names = list(query_names) + [n for n in gallery_names if n not in query_names]
-    index = {n: i for i, n in enumerate(names)}
-    remap = np.array([index[n] for n in gallery_names], dtype=np.int64)
-    return names, q, (remap[g] if len(g) else g)
-
-
 def get_gallery_parser():
     """Parent parser of the gallery flags (test.py, explain.py, audit_data.py): one definition each."""
     p = argparse.ArgumentParser(add_help=False)

@@ -1,11 +1,10 @@
-"""Extract L2-normalised embeddings of every image of a list, in list order, for test_backbone.py / test.py.
+"""Extract L2-normalised embeddings of every image of a list, in list order, as an embedding set (embeddings.py).
 
-Writes, for `--output DIR/X.npy`:
-    X.npy              float32 (N, D), unit rows, row i = line i of the list (whatever the batch size / ranks)
-    X_labels.npy       int64 (N,)
-    X_image_ids.npy    (N,) str, unique: filename stems, or paths when stems repeat (dataset.list_image_ids)
-    X_patient_ids.npy  (N,) str
-    X_meta.json        model name and arguments, checkpoint, list, class names, git revision
+`--output DIR/X.npy` writes the set X: X.npy (float32 (N, D), unit rows, row i = line i of the list, whatever
+the batch size or number of ranks) with its labels (int64), image ids (unique: filename stems, or paths when
+stems repeat, dataset.list_image_ids), patient ids and meta (embeddings.make_meta: model name and arguments,
+its source = checkpoint path + sha256 or weights id, list, image folder, class names, seed, git revision, and
+the checkpoint's training --exclude-classes) beside it. Every later tool reads it with embeddings.load.
 Existing outputs are never replaced unless --overwrite is given.
 
 Commands:
@@ -25,16 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
+import embeddings
 from dataset import ImageListDataset, get_data_parser, resolve_class_names, test_image_dir
-from model import (build_model, compute_embeddings, get_model_parser, get_transform, load_checkpoint, model_args_from_cli,
+from model import (build_model, check_weights, get_model_parser, get_transform, load_checkpoint, model_args_from_cli,
                    read_checkpoint)
-from utils import (all_gather_object, atomic_np_save, check_writable_dir, cleanup_distributed, ensure_writable_dir,
-                   get_device, get_local_rank, get_rank, get_world_size, git_revision, init_distributed,
-                   is_main_process, print_args, save_json, set_seed)
+from utils import (HelpFormatter, cleanup_distributed, ensure_writable_dir, get_device, get_local_rank, get_runtime_parser,
+                   get_world_size, init_distributed, is_main_process, print_args, resolve_amp, run_main, set_seed)
 
 DEFAULT_MODEL = "hybrid_convnext_vit"
 
@@ -42,31 +39,22 @@ DEFAULT_MODEL = "hybrid_convnext_vit"
 def get_args_parser():
     p = argparse.ArgumentParser(description="Extract embeddings of a list of images",
                                 parents=[get_model_parser(), get_data_parser(
-                                    lists=("test",), test_help="list of the images to embed (images in the test folder)")],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    lists=("test",), test_help="list of the images to embed (images in the test folder)"),
+                                         get_runtime_parser(flags=("device", "amp", "eval_batch_size"))],
+                                formatter_class=HelpFormatter)
     # None = "not given": with --resume the model comes from the checkpoint, and a given --model is checked.
     p.set_defaults(model=None)
     g = p.add_argument_group("extraction")
     g.add_argument("--resume", default=None, help="trained checkpoint; the model is rebuilt from it")
     g.add_argument("--output", required=True,
                    help="X.npy (a file; folders are --save-dir elsewhere); labels/ids/meta are written beside it")
-    g.add_argument("--batch-size", "--eval-batch-size", dest="batch_size", type=int, default=32,
-                   help="images per batch")
+    # the older name of --eval-batch-size (runtime group); SUPPRESS: the runtime flag's default stands
+    g.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS,
+                   help="the same as --eval-batch-size")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds torch/numpy before the model is built: random-init weights repeat exactly")
-    g.add_argument("--device", default=None, help="cuda, cuda:1 or cpu; not given: cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (faster; rows differ by ~1e-3)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return p
-
-
-def output_paths(output):
-    out = Path(output)
-    if out.suffix != ".npy":
-        raise ValueError(f"--output {out}: must end in .npy (e.g. embeddings/convnext.npy)")
-    stem = out.with_suffix("")
-    return {"embeddings": out, "labels": Path(f"{stem}_labels.npy"), "image_ids": Path(f"{stem}_image_ids.npy"),
-            "patient_ids": Path(f"{stem}_patient_ids.npy"), "meta": Path(f"{stem}_meta.json")}
 
 
 def _untrained_parts(model):
@@ -107,17 +95,19 @@ def build(args, device):
     return model, get_transform(model, train=False), source
 
 
+def training_excluded_classes(ckpt):
+    """train.py --exclude-classes of a checkpoint (its stored args; [] without them): recorded in the set's meta,
+    so ood.py knows which classes the model never saw without reading the checkpoint again."""
+    return list((ckpt.get("args") or {}).get("exclude_classes") or [])
+
+
 @torch.inference_mode()
-def main(args):
+def run(args):
     distributed = init_distributed()
-    rank, world = get_rank(), get_world_size()
-    paths = output_paths(args.output)
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"output files already exist: {', '.join(existing)}; choose another --output or pass "
-                         f"--overwrite")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    world = get_world_size()
+    out = embeddings.check_output(args.output, args.overwrite, "--output")  # before any work
+    if args.eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if args.test_image_list is None:
         raise ValueError("--test-image-list LIST is required (one image per line: patient_id filename label)")
     if args.dataset_dir is None and args.test_dataset_dir is None:
@@ -126,9 +116,16 @@ def main(args):
         raise ValueError(f"--resume {args.resume}: file not found; give a checkpoint written by train.py")
     # read now, before anything is printed or made: read_checkpoint refuses a train_fusion.py head in one line.
     # Generic lists take the class ids the checkpoint was trained with, so its embeddings and labels agree.
-    stored = read_checkpoint(args.resume).get("class_names") if args.resume else None
-    check_writable_dir(paths["embeddings"].parent, "--output")  # created only after the model is built
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    stored = ckpt.get("class_names") if ckpt is not None else None
+    excluded = training_excluded_classes(ckpt) if ckpt is not None else None
+    del ckpt  # load_checkpoint reads the weights again when the model is built
+    if args.resume is None:  # weights missing offline: one line naming the model and its flags, before any work
+        if args.model is None:
+            args.model = DEFAULT_MODEL
+        check_weights(*model_args_from_cli(args))
     device = get_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)  # --amp alone: bf16 on CUDA, off on CPU
     if is_main_process():
         print_args(args)  # after the cheap checks: a wrong path is reported at once, not after a dump
     if distributed and device.type == "cuda":
@@ -142,50 +139,34 @@ def main(args):
     ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, class_names=names).check_unique_ids()
     set_seed(args.seed)  # an untrained (random-init) model gives the same embeddings run after run
     model, transform, source = build(args, device)
-    ensure_writable_dir(paths["embeddings"].parent, "--output")
+    ensure_writable_dir(out.parent, "--output")
     ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=transform,
                           class_names=names, check_files=False, cache_dir=args.cache_dir)
     n = len(ds)
-    shard = list(range(rank, n, world))  # strided: every rank gets a similar mix, no padding or duplicates
-    loader = DataLoader(Subset(ds, shard), batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
     if is_main_process():
         print(f"{source}: {model.embedding_dim}-d embeddings of {n} images from {args.test_image_list} "
               f"({image_dir}) on {device}" + (f", {world} ranks" if distributed else ""))
     t0 = time.time()
-    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None  # --amp: bf16 on CUDA only
-    idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype, progress=is_main_process(),
-                                  desc="extracting")
-    parts = all_gather_object((idx, emb))
+    # rows in list order; under torchrun every rank embeds every world-th image and all get the gathered rows.
+    # Unit rows in float32 (the model normalises in float32 already; this removes bf16/rounding drift).
+    rows = embeddings.embed_dataset(model, ds, device, args.eval_batch_size, args.workers, amp_dtype=amp_dtype,
+                                    progress=True, desc="extracting", normalize=True)
     if is_main_process():
-        embeddings = np.zeros((n, model.embedding_dim), np.float32)
-        seen = np.zeros(n, bool)
-        for i, e in parts:
-            embeddings[i] = e
-            seen[i] = True
-        assert seen.all(), f"{int((~seen).sum())} rows were not extracted by any rank"
-        # Unit rows in float32 (the model normalises in float32 already; this removes bf16/rounding drift).
-        embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-        atomic_np_save(paths["labels"], ds.labels.astype(np.int64))
-        atomic_np_save(paths["image_ids"], np.array(ds.image_ids, dtype=str))
-        atomic_np_save(paths["patient_ids"], np.array(ds.patient_ids, dtype=str))
-        atomic_np_save(paths["embeddings"], embeddings)
-        meta = {"model_name": model.model_name, "model_args": model.model_args,
-                "embedding_dim": int(model.embedding_dim), "resume": args.resume,
-                "image_list": str(args.test_image_list), "image_dir": str(image_dir), "dataset": args.dataset,
-                "class_names": list(ds.class_names), "num_images": n, "world_size": world, "seed": args.seed,
-                "git": git_revision()}
-        save_json(meta, paths["meta"])
+        extra = {} if excluded is None else {"exclude_classes": excluded}
+        meta = embeddings.make_meta(model=model, checkpoint=args.resume, list_file=args.test_image_list,
+                                    image_dir=image_dir, dataset=args.dataset, class_names=ds.class_names,
+                                    seed=args.seed, world_size=world, **extra)
+        s = embeddings.save(out, embeddings.EmbeddingSet.from_dataset(rows, ds, meta), overwrite=args.overwrite)
         dt = time.time() - t0
-        print(f"{n} images in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s); wrote {paths['embeddings']} "
-              f"{embeddings.shape} and its _labels/_image_ids/_patient_ids/_meta files")
+        print(f"{n} images in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s); wrote the embedding set {s.path} "
+              f"{s.embeddings.shape} (labels, image and patient ids, meta beside it)")
     cleanup_distributed()
     return 0
 
 
+def main(args):
+    return run_main(run, args, "extract_embeddings.py")
+
+
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(get_args_parser().parse_args()))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    raise SystemExit(main(get_args_parser().parse_args()))

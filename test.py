@@ -10,65 +10,66 @@ From a trained checkpoint (the model is rebuilt from it; its own eval transform 
     python test.py --resume CKPT --dataset-dir DIR --test-image-list test.txt \
         --gallery-image-list train.txt --exclude-same-patient
 
-From saved embeddings (the files extract_embeddings.py writes; X_labels.npy, X_image_ids.npy, X_patient_ids.npy
-and X_meta.json beside X.npy are found by default, --labels etc. override them):
+From saved embedding sets (embeddings.py: what extract_embeddings.py, and test.py --resume, write; the labels,
+image and patient ids and meta beside X.npy are found by default, --labels etc. override them):
     python test.py --embeddings emb/convnext.npy --save-dir results/convnext
-    # queries against a separately extracted gallery: labels are matched by class NAME (each _meta.json)
+    # queries against a separately extracted gallery: labels are matched by class NAME (each set's meta)
     python test.py --embeddings emb/test.npy --gallery-embeddings emb/train.npy --exclude-same-patient
+    # the same numbers again from the sets a --resume run wrote
+    python test.py --embeddings results/RUN/embeddings.npy [--gallery-embeddings results/RUN/gallery_embeddings.npy]
 
 With an OOD warning per query (ood.py's kNN score against the archive's saved embeddings, flag at 95% ID):
     python test.py --resume CKPT --dataset-dir DIR --test-image-list test.txt --ood-reference emb/train.npy --ood-k 50
 
 Evaluation is single-process (one matrix product per chunk of queries); under torchrun use
 train.py's built-in test evaluation instead. Definitions and the tie rule: metrics.py docstring.
-Writes SAVE_DIR/results.json, embeddings.npz, confusion_matrix.png and retrieval_examples.png
-(when images are available); an existing results.json is kept unless --overwrite.
+Writes SAVE_DIR/results.json, per_query.npz, confusion_matrix.png and retrieval_examples.png (when images are
+available); with --resume also the embedding sets it evaluated: SAVE_DIR/embeddings.npy (the queries) and, with
+--gallery-image-list, SAVE_DIR/gallery_embeddings.npy, which every tool reads (results.json "embedding_sets" names
+the sets of the run). An existing results.json or set is kept unless --overwrite.
 """
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import embeddings
 import metrics
 import ood
-from dataset import (LABEL_MAPS, ImageListDataset, align_class_names, embedding_sidecars, get_data_parser, load_image,
-                     read_class_names, resolve_class_names, test_image_dir, train_image_dir)
-from utils import atomic_write_text, check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args, save_json, set_seed
+from dataset import (LABEL_MAPS, ImageListDataset, get_data_parser, get_gallery_parser, load_image, resolve_class_names,
+                     test_image_dir, train_image_dir)
+from utils import (HelpFormatter, atomic_write_text, check_writable_dir, ensure_writable_dir, get_device,
+                   get_runtime_parser, git_revision, print_args, resolve_amp, run_main, save_figure, save_json, set_seed)
+
+QUERY_SET, GALLERY_SET = "embeddings.npy", "gallery_embeddings.npy"  # the sets a --resume run writes into --save-dir
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Retrieval evaluation",
                                 parents=[get_data_parser(lists=("test",), test_help="query list (images in the test "
-                                                         "folder); leave-one-out unless --gallery-image-list")],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("from a checkpoint")
+                                                         "folder); leave-one-out unless --gallery-image-list"),
+                                         get_gallery_parser(), get_runtime_parser(), ood.get_ood_warning_parser()],
+                                formatter_class=HelpFormatter)
+    g = p.add_argument_group("from a checkpoint (the gallery and runtime flags apply)")
     g.add_argument("--resume", type=Path, default=None, help="checkpoint written by train.py")
     g.add_argument("--model", default=None, help="if given, must match the checkpoint's model")
     g.add_argument("--embedding-dim", type=int, default=None, help="if given, must match the checkpoint")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
-    g.add_argument("--gallery-image-list", type=Path, default=None,
-                   help="search the test queries against these images instead of leave-one-out")
-    g.add_argument("--gallery-dataset-dir", type=Path, default=None,
-                   help="gallery image folder; None: the training folder of --dataset-dir")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None: cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for extraction")
-    g = p.add_argument_group("from saved embeddings (sibling files X_labels.npy ... X_meta.json found by default)")
-    g.add_argument("--embeddings", type=Path, default=None, help="(N, D) .npy of the queries")
-    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy; None: X_labels.npy beside X.npy")
-    g.add_argument("--image-ids", type=Path, default=None, help="(N,) .npy of image ids; None: X_image_ids.npy")
+    g = p.add_argument_group("from saved embedding sets (embeddings.py; the files beside X.npy are found by name)")
+    g.add_argument("--embeddings", type=Path, default=None, help="X.npy, the (N, D) embeddings of the queries")
+    g.add_argument("--labels", type=Path, default=None, help="(N,) int .npy; not given: the labels file of X.npy")
+    g.add_argument("--image-ids", type=Path, default=None,
+                   help="(N,) .npy of image ids; not given: the image ids file of X.npy")
     g.add_argument("--patient-ids", type=Path, default=None,
-                   help="(N,) .npy of patient ids; None: X_patient_ids.npy")
+                   help="(N,) .npy of patient ids; not given: the patient ids file of X.npy")
     g.add_argument("--class-names", nargs="+", default=None,
-                   help="names of label ids 0, 1, ... for arrays without X_meta.json (--dataset is not used for "
-                        "saved embeddings); None: the ids themselves")
+                   help="names of label ids 0, 1, ... for arrays without a meta file (--dataset is not used for "
+                        "saved embeddings); not given: the ids themselves")
     g.add_argument("--gallery-embeddings", type=Path, default=None,
-                   help="(M, D) .npy searched instead of leave-one-out; its sibling files are found likewise")
-    g.add_argument("--gallery-labels", type=Path, default=None, help="(M,) int .npy; None: G_labels.npy")
-    g.add_argument("--gallery-image-ids", type=Path, default=None, help="(M,) .npy; None: G_image_ids.npy")
-    g.add_argument("--gallery-patient-ids", type=Path, default=None, help="(M,) .npy; None: G_patient_ids.npy")
+                   help="G.npy (M, D) searched instead of leave-one-out; the files beside it are found likewise")
+    g.add_argument("--gallery-labels", type=Path, default=None, help="(M,) int .npy; not given: G's labels file")
+    g.add_argument("--gallery-image-ids", type=Path, default=None, help="(M,) .npy; not given: G's image ids file")
+    g.add_argument("--gallery-patient-ids", type=Path, default=None,
+                   help="(M,) .npy; not given: G's patient ids file")
     g = p.add_argument_group("evaluation")
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="remove gallery images of the query's own patient (needs patient ids)")
@@ -81,7 +82,6 @@ def get_args_parser():
                    help="top-k search; full-ranking mAP always uses the exact chunked pass")
     g.add_argument("--faiss-index", default="flat", choices=["flat", "ivf", "hnsw"],
                    help="flat = exact; ivf/hnsw are approximate and report their recall@k against exact")
-    g.add_argument("--chunk-size", type=int, default=None, help="query rows per similarity chunk")
     g.add_argument("--num-examples", type=int, default=6,
                    help="queries drawn in retrieval_examples.png (failures first, then successes)")
     g.add_argument("--hierarchy", default=None,
@@ -91,36 +91,26 @@ def get_args_parser():
                    help="h(a, b) of AHD/MS/hP: the height of the lowest common ancestor (Bertinetto et al. 2020) "
                         "or half the tree path between the classes; they differ on unbalanced trees (metrics.py)")
     g.add_argument("--save-dir", type=Path, default=Path("./results"), help="output folder")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing results.json")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing results.json (and the embedding sets of a --resume run)")
     g.add_argument("--compare-with", type=Path, nargs="+", default=None, metavar="RUN",
                    help="earlier test.py runs (their --save-dir, or the per_query.npz in it) on the same queries: "
                         "paired difference of AP and R@1 with a bootstrap 95%% CI (--bootstrap) and a permutation "
                         "p-value (--permutations), patients resampled together when patient ids are known")
     g.add_argument("--permutations", type=int, default=1000, help="sign-flip permutations of --compare-with")
-    g = p.add_argument_group("out-of-distribution warning (ood.py)")
-    g.add_argument("--ood-reference", type=Path, default=None,
-                   help="archive embeddings TRAIN_EMB.npy (extract_embeddings.py layout): each query gets an OOD "
-                        "score (larger = more unusual) and a flag at a threshold that accepts 95%% of a seeded "
-                        "held-out part of the archive; written to query_ood.csv and results.json")
-    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
-    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
     return p
 
 
 # --------------------------------------------------------------------------- inputs
 
-def _load_npy(path, flag, n=None, what="entries"):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: file not found")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{flag} {path}: not a readable .npy file ({type(e).__name__}: {e})") from e
-    if n is not None and len(a) != n:
-        raise ValueError(f"{flag} {path} has {len(a)} {what} but the embeddings have {n} rows; "
-                         f"both must come from the same extraction")
-    return a
+def saved_file(args, prefix, key):
+    """--{prefix}{key} (e.g. --gallery-labels) if given, else the set's own file beside --{prefix}embeddings when
+    it exists, else None."""
+    given = getattr(args, prefix + key)
+    if given is not None:
+        return given
+    own = embeddings.sidecar_paths(getattr(args, prefix + "embeddings"))[key]
+    return own if own.is_file() else None
 
 
 def check_args(args):
@@ -128,18 +118,21 @@ def check_args(args):
     if (args.resume is None) == (args.embeddings is None):
         raise ValueError("give exactly one of --resume CKPT (images are embedded) or --embeddings E.npy")
     if args.embeddings is not None:
-        fill_sidecars(args)
-        if args.labels is None:
-            raise ValueError(f"--embeddings {args.embeddings}: no labels; {embedding_sidecars(args.embeddings)['labels']} "
-                             f"does not exist, pass --labels L.npy")
-        if args.gallery_labels is not None and args.gallery_embeddings is None:
-            raise ValueError("--gallery-labels needs --gallery-embeddings")
-        if args.gallery_embeddings is not None and args.gallery_labels is None:
-            raise ValueError(f"--gallery-embeddings {args.gallery_embeddings}: no labels; pass --gallery-labels")
-        if args.exclude_same_patient and args.patient_ids is None:
-            raise ValueError("--exclude-same-patient needs patient ids: --patient-ids P.npy (or X_patient_ids.npy "
-                             "beside the embeddings)")
-        if args.exclude_same_patient and args.gallery_embeddings is not None and args.gallery_patient_ids is None:
+        if saved_file(args, "", "labels") is None:
+            raise ValueError(f"--embeddings {args.embeddings}: no labels; "
+                             f"{embeddings.sidecar_paths(args.embeddings)['labels']} does not exist, pass --labels L.npy")
+        for key in ("labels", "image_ids", "patient_ids"):
+            if getattr(args, f"gallery_{key}") is not None and args.gallery_embeddings is None:
+                raise ValueError(f"--gallery-{key.replace('_', '-')} needs --gallery-embeddings")
+        if args.gallery_embeddings is not None and saved_file(args, "gallery_", "labels") is None:
+            raise ValueError(f"--gallery-embeddings {args.gallery_embeddings}: no labels; "
+                             f"{embeddings.sidecar_paths(args.gallery_embeddings)['labels']} does not exist, pass "
+                             f"--gallery-labels")
+        if args.exclude_same_patient and saved_file(args, "", "patient_ids") is None:
+            raise ValueError("--exclude-same-patient needs patient ids: --patient-ids P.npy (or the set's patient "
+                             "ids file beside the embeddings)")
+        if (args.exclude_same_patient and args.gallery_embeddings is not None
+                and saved_file(args, "gallery_", "patient_ids") is None):
             raise ValueError("--exclude-same-patient with a gallery needs --gallery-patient-ids")
     else:
         if not Path(args.resume).is_file():
@@ -163,6 +156,19 @@ def check_args(args):
     if results.exists() and not args.overwrite:
         raise ValueError(f"{results} already exists; choose another --save-dir or pass --overwrite to replace it")
     check_writable_dir(args.save_dir)
+    for path in output_sets(args).values():  # the sets a --resume run writes: refused now, not after the work
+        embeddings.check_output(path, args.overwrite, "--save-dir")
+
+
+def output_sets(args):
+    """{"queries": SAVE_DIR/embeddings.npy[, "gallery": SAVE_DIR/gallery_embeddings.npy]}: the embedding sets a
+    --resume run writes; none from saved embeddings (the input sets are the run's sets)."""
+    if args.resume is None:
+        return {}
+    out = {"queries": Path(args.save_dir) / QUERY_SET}
+    if args.gallery_image_list is not None:
+        out["gallery"] = Path(args.save_dir) / GALLERY_SET
+    return out
 
 
 def read_per_query(run):
@@ -212,18 +218,6 @@ def paired_with_runs(args, ranking, query):
     return out
 
 
-def fill_sidecars(args):
-    """Default --labels/--image-ids/--patient-ids (and the gallery's) to the files beside the embeddings."""
-    for prefix in ("", "gallery_"):
-        emb = getattr(args, f"{prefix}embeddings")
-        if emb is None:
-            continue
-        side = embedding_sidecars(emb)
-        for key in ("labels", "image_ids", "patient_ids"):
-            if getattr(args, prefix + key) is None and side[key].is_file():
-                setattr(args, prefix + key, side[key])
-
-
 def hierarchy_file(args, check=False):
     """--hierarchy, else the shipped tree of --dataset (covid), else None; check: parse it (structure errors)."""
     path = args.hierarchy if args.hierarchy is not None else metrics.DEFAULT_HIERARCHIES.get(args.dataset)
@@ -243,8 +237,8 @@ def class_names_origin(args):
     if args.resume is not None:
         return (f"the class names are the labels of the lists (--dataset generic) and the checkpoint's"
                 if args.dataset == "generic" else f"the class names are the --dataset {args.dataset} label map")
-    meta = embedding_sidecars(args.embeddings)["meta"]
-    if read_class_names(args.embeddings) is not None:
+    meta = embeddings.sidecar_paths(args.embeddings)["meta"]
+    if embeddings.load(args.embeddings, labels=saved_file(args, "", "labels"), required=()).class_names is not None:
         return f"the class names come from {meta}"
     if args.class_names:
         return "the class names come from --class-names"
@@ -276,8 +270,15 @@ def hierarchy_for(args, names, query, gal):
         return None
 
 
+def as_inputs(s, paths=None):
+    """The dict the evaluation below reads, from an EmbeddingSet (paths: image files, for the example figure)."""
+    return {"embeddings": s.embeddings, "labels": s.labels, "image_ids": s.image_ids, "patient_ids": s.patient_ids,
+            "paths": paths}
+
+
 def embeddings_from_checkpoint(args, model, ckpt):
-    from model import compute_embeddings, get_transform
+    """(query, gallery or None, class names, {"queries": EmbeddingSet[, "gallery": ...]} to save)."""
+    from model import get_transform
     device = get_device(args.device)
     query_dir = test_image_dir(args.dataset_dir or args.test_dataset_dir, args.test_dataset_dir)
     gallery_dir = args.gallery_dataset_dir or (train_image_dir(args.dataset_dir) if args.dataset_dir else None)
@@ -299,62 +300,59 @@ def embeddings_from_checkpoint(args, model, ckpt):
                                  cache_dir=args.cache_dir if transform else None)
         return q, g
 
-    # lists, image files and k are checked before any image is embedded
+    # lists, image files, image ids (unique: the sets written below are matched by id) and k are checked
+    # before any image is embedded
     query_ds, gallery_ds = datasets(None, True)
+    for ds in (query_ds, gallery_ds):
+        if ds is not None:
+            ds.check_unique_ids()
     g = gallery_ds or query_ds
     cand, _ = metrics.candidate_counts(query_ds.labels, None if gallery_ds is None else g.labels,
                                        query_ds.patient_ids, g.patient_ids, args.exclude_same_patient)
     metrics.check_k(args.k_values, cand)
     # the model's own eval transform: the same as validation in train.py and extract_embeddings.py
     query_ds, gallery_ds = datasets(get_transform(model), False)
-    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None  # --amp: bf16 on CUDA only
-    sets = []
-    for ds in [query_ds] + ([gallery_ds] if gallery_ds is not None else []):
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
-        idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype, progress=True,
-                                      desc=f"embedding {ds.list_file.name}")
-        rows = np.empty_like(emb)
-        rows[idx] = emb
-        sets.append({"embeddings": rows,
-                     "labels": ds.labels, "image_ids": np.array(ds.image_ids),
-                     "patient_ids": np.array(ds.patient_ids), "paths": ds.paths})
-    return sets[0], (sets[1] if len(sets) > 1 else None), query_ds.class_names
+    amp_dtype = resolve_amp(args.amp, device)  # --amp alone: bf16 on CUDA, off on CPU
+    # train.py --exclude-classes travels with the sets (ood.py reads it), as extract_embeddings.py records it
+    excluded = list((ckpt.get("args") or {}).get("exclude_classes") or [])
+    sets, inputs = {}, []
+    for key, ds, folder in (("queries", query_ds, query_dir), ("gallery", gallery_ds, gallery_dir)):
+        if ds is None:
+            continue
+        # rows in list order, one process (test.py evaluates on one process)
+        rows = embeddings.embed_dataset(model, ds, device, args.eval_batch_size, args.workers, amp_dtype=amp_dtype,
+                                        progress=True, desc=f"embedding {ds.list_file.name}", distributed=False)
+        meta = embeddings.make_meta(model=model, checkpoint=args.resume, list_file=ds.list_file, image_dir=folder,
+                                    dataset=args.dataset, class_names=ds.class_names, seed=args.seed,
+                                    exclude_classes=excluded)
+        sets[key] = embeddings.EmbeddingSet.from_dataset(rows, ds, meta)
+        inputs.append(as_inputs(sets[key], ds.paths))
+    return inputs[0], (inputs[1] if len(inputs) > 1 else None), query_ds.class_names, sets
 
 
 def embeddings_from_files(args):
-    def one(emb, lab, ids, pids, prefix):
-        e = _load_npy(emb, f"--{prefix}embeddings")
-        if e.ndim != 2:
-            raise ValueError(f"--{prefix}embeddings {emb}: expected a 2-D (N, D) array, got shape {e.shape}")
-        n = len(e)
-        labels = _load_npy(lab, f"--{prefix}labels", n, "labels")
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"--{prefix}labels {lab}: expected (N,) integer class ids, got {labels.dtype} {labels.shape}")
-        return {"embeddings": e, "labels": labels.astype(np.int64),
-                "image_ids": _load_npy(ids, f"--{prefix}image-ids", n, "ids") if ids else None,
-                "patient_ids": _load_npy(pids, f"--{prefix}patient-ids", n, "ids") if pids else None,
-                "paths": None}
-    query = one(args.embeddings, args.labels, args.image_ids, args.patient_ids, "")
-    # class identity travels with the files (X_meta.json): ids are matched by name, never assumed equal
-    names = read_class_names(args.embeddings)
+    """(query, gallery or None, class names) from --embeddings [--gallery-embeddings], each checked by
+    embeddings.load; a gallery's labels are put into the queries' class numbering by class name."""
+    query = embeddings.load(args.embeddings, labels=args.labels, image_ids=args.image_ids,
+                            patient_ids=args.patient_ids, required=("labels",), flag="--embeddings")
+    # class identity travels with the files (the meta file): ids are matched by name, never assumed equal
+    names = query.class_names
     if names is not None and args.class_names is not None and list(args.class_names) != names:
-        raise ValueError(f"--class-names {args.class_names} differ from {embedding_sidecars(args.embeddings)['meta']} "
-                         f"({names}); drop the flag")
-    gallery = None
+        raise ValueError(f"--class-names {args.class_names} differ from "
+                         f"{embeddings.sidecar_paths(args.embeddings)['meta']} ({names}); drop the flag")
+    q, gallery = as_inputs(query), None
     if args.gallery_embeddings is not None:
-        gallery = one(args.gallery_embeddings, args.gallery_labels, args.gallery_image_ids,
-                      args.gallery_patient_ids, "gallery-")
-        names, query["labels"], gallery["labels"] = align_class_names(
-            names, query["labels"], read_class_names(args.gallery_embeddings), gallery["labels"],
-            args.embeddings, args.gallery_embeddings)
+        gal = embeddings.load(args.gallery_embeddings, labels=args.gallery_labels, image_ids=args.gallery_image_ids,
+                              patient_ids=args.gallery_patient_ids, required=("labels",), flag="--gallery-embeddings")
+        names, q["labels"], gal_labels = embeddings.common_classes(query, gal)
+        gallery = dict(as_inputs(gal), labels=gal_labels)
     if names is None:
         # hand-made arrays: the ids are the names unless --class-names says otherwise
-        top = int(max(query["labels"].max(), -1 if gallery is None else gallery["labels"].max()))
+        top = int(max(q["labels"].max(), -1 if gallery is None else gallery["labels"].max()))
         names = list(args.class_names) if args.class_names else [str(i) for i in range(top + 1)]
-        if top >= len(names) or min(query["labels"].min(), 0 if gallery is None else gallery["labels"].min()) < 0:
+        if top >= len(names) or min(q["labels"].min(), 0 if gallery is None else gallery["labels"].min()) < 0:
             raise ValueError(f"label ids 0..{top} do not fit --class-names {names}; give one name per id")
-    return query, gallery, names
+    return q, gallery, names
 
 
 # --------------------------------------------------------------------------- outputs
@@ -409,8 +407,7 @@ def plot_confusion(cm, names, k, path):
     ax.set_ylabel("true")
     ax.set_title(f"majority vote of the top {k}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def example_queries(ranking, num, seed):
@@ -470,8 +467,7 @@ def plot_examples(ranking, query, gallery, names, num, seed, path, k=5, ood_flag
                  f"{plural(int((~failed).sum()), 'success', 'successes')}, seed {seed}; "
                  f"green = same class as the query, red = not", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def load_model(args):
@@ -497,9 +493,9 @@ def run(args):
     print_args(args)
     set_seed(args.seed)
     if args.resume is not None:
-        query, gallery, names = embeddings_from_checkpoint(args, model, ckpt)
+        query, gallery, names, sets = embeddings_from_checkpoint(args, model, ckpt)
     else:
-        query, gallery, names = embeddings_from_files(args)
+        (query, gallery, names), sets = embeddings_from_files(args), {}
     loo = gallery is None
     gal = query if loo else gallery
     hier = hierarchy_for(args, names, query, gal)  # before the search: a tree that does not fit stops the run
@@ -565,16 +561,17 @@ def run(args):
     if args.compare_with:
         res["paired"] = paired_with_runs(args, ranking, query)
     res["source"] = str(args.resume if args.resume is not None else args.embeddings)
+    # the sets whose rows these numbers come from: written by this run (--resume) or read (--embeddings)
+    used = output_sets(args) if args.resume is not None else {"queries": args.embeddings,
+                                                               "gallery": args.gallery_embeddings}
+    res["embedding_sets"] = {k: None if used.get(k) is None else str(used[k]) for k in ("queries", "gallery")}
     res["git_revision"] = git_revision()
     print_table(res, sorted(set(args.k_values)))
 
     save_dir = ensure_writable_dir(args.save_dir)  # created only now: a failed run leaves no empty folder
-    np.savez(save_dir / "embeddings.npz", embeddings=np.asarray(query["embeddings"], np.float32),
-             labels=np.asarray(query["labels"]),
-             image_ids=query["image_ids"] if query["image_ids"] is not None else np.arange(len(query["labels"])),
-             **({} if query["patient_ids"] is None else {"patient_ids": query["patient_ids"]}),
-             **({} if loo else {"gallery_embeddings": np.asarray(gal["embeddings"], np.float32),
-                                "gallery_labels": np.asarray(gal["labels"])}))
+    # the images embedded from the checkpoint, as embedding sets every tool reads (test.py --embeddings, ood.py ...)
+    for key, path in output_sets(args).items():
+        embeddings.save(path, sets[key], overwrite=args.overwrite, flag="--save-dir")
     # per-query scores, for paired comparisons of two runs on the same queries (metrics.paired_comparison)
     np.savez(save_dir / "per_query.npz", ap=ranking.ap, r1=ranking.relevant[:, 0].astype(np.float64),
              image_ids=query["image_ids"] if query["image_ids"] is not None else np.arange(len(query["labels"])),
@@ -594,11 +591,7 @@ def run(args):
 
 
 def main(args):
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        print(f"test.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, args, "test.py")
 
 
 if __name__ == "__main__":

@@ -17,19 +17,23 @@ import time
 import torch
 
 from model import DEFAULT_MODEL_ARGS, build_model, get_model_parser
+from utils import HelpFormatter, get_device, get_runtime_parser
+
+
+class _HelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The toolkit's --help (each default said once), with the module docstring's commands kept as written."""
 
 
 def get_args_parser():
     parent = get_model_parser()
     # the model is fixed here; the other model flags keep their names and defaults
     parent.set_defaults(model="hybrid_convnext_vit", embedding_dim=1024)
-    p = argparse.ArgumentParser(description=__doc__, parents=[parent],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, parents=[parent, get_runtime_parser(flags=("device",))],
+                                formatter_class=_HelpFormatter)
     p.add_argument("--pretrained", dest="hub_pretrained", action="store_true",
                    help="load the timm hub weights (default: random init, no download)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=2, help="images in the test forward/backward pass")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random weights and the test batch")
     return p
 
 
@@ -41,12 +45,12 @@ def check(ok, message):
 
 def main(args):
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_args = {k: getattr(args, k) for k in DEFAULT_MODEL_ARGS if k in vars(args)}
     # random init unless --pretrained or local weight files are given
     model_args["pretrained"] = bool(args.hub_pretrained)
     start = time.perf_counter()
     try:
+        device = get_device(args.device)  # not given: cuda when available; an unusable --device is a failed check
         model = build_model("hybrid_convnext_vit", **model_args).to(device)
         n_params = sum(p.numel() for p in model.parameters())
         check(True, f"built hybrid_convnext_vit ({args.convnext_backbone} + {args.vit_backbone}, "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import embeddings
 import extract_embeddings as ee
 from dataset import load_image, read_image_list
 from model import build_model, get_transform, make_checkpoint
@@ -28,16 +29,16 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def run(demo_data, output, *flags):
+    """ee.run: bad input raises (ee.main turns it into one line and exit code 2, tested below)."""
     args = ee.get_args_parser().parse_args(
         ["--dataset-dir", str(demo_data), "--test-image-list", str(demo_data / "test_split.txt"),
          "--output", str(output), "--workers", "0", "--device", "cpu", *flags])
-    return ee.main(args)
+    return ee.run(args)
 
 
 def load(output):
-    stem = str(output)[:-4]
-    return (np.load(output), np.load(f"{stem}_labels.npy"), np.load(f"{stem}_image_ids.npy"),
-            np.load(f"{stem}_patient_ids.npy"))
+    s = embeddings.load(output, required=("labels", "image_ids", "patient_ids"))
+    return s.embeddings, s.labels, s.image_ids, s.patient_ids
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_missing_images_reported_before_any_work(demo_data, tmp_path, monkeypatc
         ["--dataset-dir", str(demo_data), "--test-image-list", str(bad), "--output", str(tmp_path / "x.npy"),
          *TINY])
     with pytest.raises(FileNotFoundError, match=r"2 of \d+ images .*missing"):
-        ee.main(args)
+        ee.run(args)
     assert not (tmp_path / "x.npy").exists()
 
 
@@ -122,7 +123,8 @@ def test_untrained_model_is_seeded_and_the_seed_recorded(demo_data, tmp_path):
 
 def test_unknown_backbone_leaves_no_output_folder(demo_data, tmp_path):
     out = tmp_path / "new" / "x.npy"
-    with pytest.raises(ValueError, match="unknown timm model"):
+    # refused by model.check_weights before any work, as a typo (not as missing weights)
+    with pytest.raises(ValueError, match="unknown timm model .no_such_net_v9"):
         run(demo_data, out, "--model", "timm", "--backbone", "no_such_net_v9")
     assert not out.parent.exists()
 
@@ -150,3 +152,65 @@ def test_help_lines_do_not_repeat_their_default():
     for action in (a for g in groups for a in g._group_actions):
         text = fmt._expand_help(action)  # the line --help prints
         assert text.lower().count("default") <= 1, f"{action.option_strings}: {text}"
+
+
+# ----------------------------------------------------------------------------- issue 20: one embedding-set writer
+
+def test_set_meta_names_the_checkpoint_by_hash_and_its_excluded_classes(demo_data, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("convnextv2", convnext_backbone="convnextv2_atto", pretrained=False, img_size=64,
+                        embedding_dim=8)
+    ckpt = tmp_path / "excl_ckpt.pth"
+    torch.save(make_checkpoint(model, epoch=2, args={"exclude_classes": ["COVID-19"]}), ckpt)
+    assert run(demo_data, tmp_path / "a.npy", "--resume", str(ckpt)) == 0
+    assert run(demo_data, tmp_path / "b.npy", "--resume", str(ckpt), "--batch-size", "3") == 0
+    a, b = embeddings.load(tmp_path / "a.npy"), embeddings.load(tmp_path / "b.npy")
+    assert a.meta["model_source"] == {"checkpoint": str(ckpt), "sha256": embeddings.file_sha256(ckpt)}
+    assert a.meta["exclude_classes"] == ["COVID-19"]  # what ood.py reads instead of the checkpoint
+    assert a.meta["list_file"] == str(demo_data / "test_split.txt") and a.meta["dataset"] == "covid"
+    assert a.meta["image_dir"] == str(demo_data / "test") and a.meta["seed"] == 0 and a.meta["world_size"] == 1
+    assert a.model_identity == b.model_identity and a.model_identity.endswith(embeddings.file_sha256(ckpt))
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    # no checkpoint: the weights say where the model came from; nothing was excluded in training
+    assert run(demo_data, tmp_path / "u.npy", *TINY) == 0
+    u = embeddings.load(tmp_path / "u.npy")
+    assert u.meta["model_source"] == {"weights": "random init", "seed": 0} and "exclude_classes" not in u.meta
+    assert u.model_identity != a.model_identity
+
+
+def test_batch_size_is_the_eval_batch_size_flag():
+    parse = lambda *f: ee.get_args_parser().parse_args(["--output", "x.npy", *f])  # noqa: E731
+    assert parse().eval_batch_size == 32
+    assert parse("--batch-size", "5").eval_batch_size == parse("--eval-batch-size", "5").eval_batch_size == 5
+    assert parse().amp == "off" and parse("--amp").amp == "auto"  # --amp alone: bf16 on CUDA, off on CPU
+
+
+def test_main_bad_input_is_one_line_and_exit_code_2(demo_data, tmp_path, capsys):
+    out = tmp_path / "x.npy"
+    np.save(out, np.zeros((1, 1), np.float32))
+    args = ee.get_args_parser().parse_args(["--dataset-dir", str(demo_data), "--test-image-list",
+                                            str(demo_data / "test_split.txt"), "--output", str(out), *TINY])
+    assert ee.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("extract_embeddings.py: error: --output") and "--overwrite" in err and "\n" not in err
+
+
+def test_missing_weights_are_reported_before_any_work(demo_data, tmp_path, monkeypatch, capsys):
+    import model as model_mod
+    seen = []
+
+    def no_weights(name, model_args):
+        seen.append((name, model_args["convnext_backbone"]))
+        raise model_mod.WeightsUnavailableError(f"the pretrained weights of {model_args['convnext_backbone']} "
+                                                f"are not on this machine")
+    monkeypatch.setattr(ee, "check_weights", no_weights)
+    monkeypatch.setattr(ee, "build", lambda *a: pytest.fail("the model was built before its weights were checked"))
+    out = tmp_path / "new" / "x.npy"
+    args = ee.get_args_parser().parse_args(["--dataset-dir", str(demo_data), "--test-image-list",
+                                            str(demo_data / "test_split.txt"), "--output", str(out),
+                                            "--model", "convnextv2", "--convnext-backbone", "convnextv2_atto"])
+    assert ee.main(args) == 2
+    assert seen == [("convnextv2", "convnextv2_atto")]
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("extract_embeddings.py: error: the pretrained weights of convnextv2_atto are not "
+                                    "on this machine") and captured.out == "" and not out.parent.exists()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import embeddings
 import metrics
 import test as test_script
 
@@ -46,8 +47,9 @@ def test_from_npy_files(npy_files, tmp_path, capsys):
     assert set(res["vote"]) == {"1", "5", "10", "15", "20"}
     assert set(res["ci95"]) >= {"R@1", "mAP", "mAP@5"}
     assert (out / "confusion_matrix.png").stat().st_size > 0
-    saved = np.load(out / "embeddings.npz")
-    assert np.array_equal(saved["labels"], labels) and saved["image_ids"][3] == "img3"
+    # from saved sets the input sets are the run's sets: named in results.json, not copied
+    assert res["embedding_sets"] == {"queries": str(p["emb"]), "gallery": None}
+    assert not (out / "embeddings.npy").exists() and not (out / "embeddings.npz").exists()
 
     # the same patient excluded: every query loses its twin
     out2 = tmp_path / "res_excl"
@@ -86,8 +88,8 @@ def test_bad_input_is_one_line_error(npy_files, tmp_path, capsys):
     out = tmp_path / "out"
     cases = [
         (["--embeddings", p["emb"], "--labels", tmp_path / "short_labels.npy"],
-         "has 59 labels but the embeddings have 60"),
-        (["--embeddings", tmp_path / "nan.npy", "--labels", p["lab"]], "1 of 60 rows contain NaN"),
+         "59 entries (shape (59,)) but --embeddings"),
+        (["--embeddings", tmp_path / "nan.npy", "--labels", p["lab"]], "1 of 60 rows hold NaN"),
         (["--embeddings", p["emb"], "--labels", p["lab"], "--k-values", 1, 60], "k = 60 is larger than the gallery"),
         (["--embeddings", tmp_path / "nan.npy", "--labels", p["lab"], "--exclude-same-patient"], "needs patient ids"),
         (["--embeddings", tmp_path / "nan.npy"], "nan_labels.npy does not exist, pass --labels"),
@@ -125,17 +127,20 @@ def test_from_checkpoint(demo_data, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     n = len((demo_data / "test_split.txt").read_text().split("\n")) - 1
     assert res["num_queries"] == res["num_gallery"] == n and res["protocol"] == "leave-one-out"
-    for name in ("confusion_matrix.png", "retrieval_examples.png", "embeddings.npz"):
+    for name in ("confusion_matrix.png", "retrieval_examples.png", "embeddings.npy"):
         assert (out / name).stat().st_size > 0
-    # the embeddings are the model's output under its own eval transform, in list order
-    saved = np.load(out / "embeddings.npz")
+    # the embeddings are the model's output under its own eval transform, in list order: an embedding set
+    saved = embeddings.load(out / "embeddings.npy", required=("labels", "image_ids", "patient_ids"))
     ds = ImageListDataset(demo_data / "test_split.txt", test_image_dir(demo_data),
                           transform=model_mod.get_transform(model))
     with torch.no_grad():
         z = model.eval()(ds[2][0][None])[0].numpy()
-    np.testing.assert_allclose(saved["embeddings"][2], z, atol=1e-5)
-    assert saved["image_ids"][2] == ds.image_ids[2]
-    expected = metrics.evaluate(saved["embeddings"], ds.labels, k_values=(1, 5))
+    np.testing.assert_allclose(saved.embeddings[2], z, atol=1e-5)
+    assert saved.image_ids[2] == ds.image_ids[2] and saved.labels.tolist() == ds.labels.tolist()
+    assert saved.meta["model_source"] == {"checkpoint": str(ckpt), "sha256": embeddings.file_sha256(ckpt)}
+    assert res["embedding_sets"] == {"queries": str(out / "embeddings.npy"), "gallery": None}
+    assert not (out / "gallery_embeddings.npy").exists()
+    expected = metrics.evaluate(saved.embeddings, ds.labels, k_values=(1, 5))
     assert res["mAP"] == pytest.approx(expected["mAP"])
 
     # queries against the training archive, with patients excluded
@@ -153,6 +158,52 @@ def test_from_checkpoint(demo_data, tmp_path, capsys):
     assert "--embedding-dim 32" in capsys.readouterr().err
     assert run(common + ["--k-values", 1, 100, "--save-dir", tmp_path / "x"]) == 2
     assert "k = 100 is larger" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gallery", [False, True], ids=["leave-one-out", "separate-gallery"])
+def test_sets_written_from_a_checkpoint_give_the_same_numbers_again(demo_data, tmp_path, capsys, gallery):
+    # test.py --resume writes the embedding sets it evaluated; test.py --embeddings on them prints the same numbers
+    model_mod = pytest.importorskip("model")
+    torch.manual_seed(0)
+    model = model_mod.build_model("convnextv2", convnext_backbone="convnextv2_atto", pretrained=False, img_size=64,
+                                  embedding_dim=16)
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(model_mod.make_checkpoint(model, epoch=1, args={"exclude_classes": ["COVID-19"]}), ckpt)
+    same_patient = ["--exclude-same-patient"] if gallery else []
+    flags = ["--k-values", 1, 5, "--bootstrap", 30, "--seed", 3, *same_patient]
+    first = tmp_path / "from_ckpt"
+    assert run(["--resume", ckpt, "--dataset-dir", demo_data, "--test-image-list", demo_data / "test_split.txt",
+                "--workers", 0, "--device", "cpu", "--save-dir", first, *flags]
+               + (["--gallery-image-list", demo_data / "train_split.txt"] if gallery else [])) == 0
+    written = {"queries": first / "embeddings.npy", "gallery": first / "gallery_embeddings.npy" if gallery else None}
+    a = json.loads((first / "results.json").read_text())
+    assert a["embedding_sets"] == {k: None if v is None else str(v) for k, v in written.items()}
+    assert (first / "gallery_embeddings.npy").exists() == gallery
+    q = embeddings.load(written["queries"], required=("labels", "image_ids", "patient_ids"))
+    assert q.meta["exclude_classes"] == ["COVID-19"] and q.meta["list_file"] == str(demo_data / "test_split.txt")
+    if gallery:  # the gallery set: the training list, the same model and class numbering
+        g = embeddings.load(written["gallery"], required=("labels", "image_ids", "patient_ids"))
+        assert g.n == a["num_gallery"] and g.model_identity == q.model_identity and g.class_names == q.class_names
+        assert g.meta["image_dir"] == str(demo_data / "train")
+
+    second = tmp_path / "from_sets"
+    assert run(["--embeddings", written["queries"], "--save-dir", second, *flags]
+               + (["--gallery-embeddings", written["gallery"]] if gallery else [])) == 0
+    b = json.loads((second / "results.json").read_text())
+    assert b["embedding_sets"] == a["embedding_sets"]  # the sets read are the sets written
+    drop = {"source", "git_revision"}
+    assert {k: v for k, v in b.items() if k not in drop} == {k: v for k, v in a.items() if k not in drop}
+    assert a["num_queries"] == q.n and "AHD@1" in a and a["ci95"]
+    for key in ("ap", "r1", "image_ids", "patient_ids"):
+        np.testing.assert_array_equal(np.load(first / "per_query.npz")[key], np.load(second / "per_query.npz")[key])
+
+    # a set of an earlier run is never replaced silently
+    (first / "results.json").unlink()
+    capsys.readouterr()
+    assert run(["--resume", ckpt, "--dataset-dir", demo_data, "--test-image-list", demo_data / "test_split.txt",
+                "--workers", 0, "--device", "cpu", "--save-dir", first, "--k-values", 1, "--bootstrap", 0]) == 2
+    err = capsys.readouterr().err
+    assert "embeddings.npy" in err and "--overwrite" in err and not (first / "results.json").exists()
 
 
 # ---------------------------------------------------------------- class identity, defaults, warnings
