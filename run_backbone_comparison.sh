@@ -208,7 +208,7 @@ if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
     extract train_model2 "$MODEL2_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
     echo "== training the $FUSION_HEAD fusion head on the training list's embeddings"
     FUSION_DIR=$OUT_DIR/fusion
-    FUSION_FLAGS=(--seed "$SEED")
+    FUSION_FLAGS=(--seed "$SEED" --device cpu)  # the head is small; train_fusion.py's default is now CUDA when there
     [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
     "$PYTHON" train_fusion.py --embeddings "$EMB_DIR/train_model1.npy" "$EMB_DIR/train_model2.npy" \
         --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"

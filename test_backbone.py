@@ -1,9 +1,10 @@
 """Compare two backbones from saved embeddings: do they retrieve differently enough that fusing them helps?
 
-Reads two embedding files of the same images in the same order (as written by extract_embeddings.py; the
-dimensions may differ) and reports, leave-one-out over all images (each image is a query against all others,
+Reads two embedding sets of the same images (as written by extract_embeddings.py, through embeddings.load; rows
+matched by image id and classes by name, so the files may be ordered differently; the dimensions may differ)
+and reports, leave-one-out over all images (each image is a query against all others,
 self excluded by index; relevant = same label):
-  * per backbone: mAP@k, R@1 and mAP (definitions of metrics.py);
+  * per backbone: mAP@k, R@1 and mAP (metrics.rank: its definitions and tie rule);
   * overlap@k: how many of the two top-k lists are shared per query; mean, and the fraction of queries with
     overlap <= floor(k/2); overlap_histogram.png;
   * Spearman rho per query between the two similarity rows over all other images (self excluded; ties get
@@ -19,20 +20,20 @@ from the held-out rows and their paired 95% CIs, never from the all-query table 
 beneficial when mean overlap < 0.6 k, rho < 0.6 and the best held-out fusion beats the better model with a CI
 above 0; not beneficial when mean overlap > 0.8 k and rho > 0.8, or when no fusion beats the better model on
 the held-out queries (for k = 5 the overlap thresholds are 3.0 and 4.0). Models are named by --model1-name /
---model2-name, else by the model and backbone in each file's X_meta.json, else by the file name.
+--model2-name, else by the model and backbone in each set's meta file, else by the file name.
 
 Commands (CPU only; under a minute at N = 10,000 on 2 cores, see bench/bench_compare.py):
   python test_backbone.py --model1-embeddings emb/convnext.npy --model2-embeddings emb/conceptclip.npy \
       --model1-name ConvNeXtV2 --model2-name ConceptCLIP --image-dir data/COVIDx/test
-Labels, image ids and patient ids default to the files written beside the embeddings (X_labels.npy,
-X_image_ids.npy, X_patient_ids.npy); --labels/--image-ids/--patient-ids override them.
+Labels, image ids and patient ids default to the files written beside each set (embeddings.py);
+--labels/--image-ids/--patient-ids replace model 1's. --chunk-size not given: 512 query rows per block of the
+comparison, metrics.rank's own default for each model's ranking (the numbers do not depend on it).
 With --exclude-same-patient, other images of the query's patient are also removed from the top-k lists, the
 metrics and the fusions; Spearman rho and the RRF ranks stay over all other images (rows of one length).
 """
 import argparse
-import json
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,28 +41,32 @@ import torch
 from tqdm import tqdm
 
 import dataset
+import embeddings
 import metrics
-from utils import ensure_writable_dir, print_args, save_json
+from utils import HelpFormatter, ensure_writable_dir, get_runtime_parser, print_args, run_main, save_figure, save_json
 
 RRF_K = 60  # the constant of reciprocal rank fusion (Cormack, Clarke & Buettcher, SIGIR 2009)
 DEFAULT_CLASS_NAMES = dataset.class_names("covid")  # normal, pneumonia, COVID-19 for labels 0, 1, 2
 RESULT_FILES = ("backbone_comparison_results.npz", "backbone_comparison_results.json", "overlap_histogram.png")
+CHUNK_ROWS = 512  # query rows per block of the comparison's own similarity rows (--chunk-size not given)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter, parents=[get_runtime_parser(flags=("chunk_size",))])
     p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
                    help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
     p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
-                   help="N x D2 .npy of model 2, same images in the same order (old name --conceptclip-embeddings)")
+                   help="N x D2 .npy of model 2, the same images (matched by id; old name --conceptclip-embeddings)")
     p.add_argument("--model1-name", default=None,
                    help="name of model 1 in the table, json and figures; None: the model (and backbone) in "
-                        "X_meta.json beside the file, else the file name")
+                        "meta file beside the set, else the file name")
     p.add_argument("--model2-name", default=None, help="name of model 2; None: as for model 1")
-    p.add_argument("--labels", default=None, help="N int labels (.npy); None: X_labels.npy beside model 1")
-    p.add_argument("--image-ids", default=None, help="N image ids (.npy); None: X_image_ids.npy beside each file")
-    p.add_argument("--patient-ids", default=None, help="N patient ids (.npy); None: X_patient_ids.npy beside model 1")
+    p.add_argument("--labels", default=None, help="N int labels (.npy); None: the labels file beside model 1")
+    p.add_argument("--image-ids", default=None,
+                   help="N image ids (.npy) of model 1's rows; None: the ids file beside each set")
+    p.add_argument("--patient-ids", default=None,
+                   help="N patient ids (.npy); None: the patient ids file beside model 1")
     p.add_argument("--image-dir", default=None,
                    help="folder of the images, for the query visualisations (checked before any work)")
     p.add_argument("--image-list", default=None,
@@ -73,12 +78,11 @@ def get_args_parser():
     p.add_argument("--fusion-alphas", type=float, nargs="+", default=[0.3, 0.5, 0.7],
                    help="weights of model 1 in alpha * sim1 + (1 - alpha) * sim2")
     p.add_argument("--class-names", nargs="+", default=None,
-                   help="names of labels 0, 1, ...; None: X_meta.json beside model 1, else normal pneumonia COVID-19")
+                   help="names of labels 0, 1, ...; None: the meta file beside model 1, else normal pneumonia COVID-19")
     p.add_argument("--exclude-same-patient", action="store_true",
                    help="also remove other images of the query's patient from the gallery")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the held-out split, the visualised queries, the bootstrap and the permutations")
-    p.add_argument("--chunk-size", type=int, default=512, help="query rows per block; memory grows with it, not N^2")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --save-dir")
     p.add_argument("--learned-embeddings", "--fused-embeddings", dest="learned_embeddings", default=None,
                    help="N x D .npy of the same images from a learned fusion head (train_fusion.py --apply); "
@@ -99,119 +103,58 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- loading and checks
 
-def _sibling(path, suffix):
-    path = Path(path)
-    return path.with_name(f"{path.stem}_{suffix}.npy")
-
-
-def _load(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} file {path} not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{what} file {path} could not be read as a plain .npy array ({e})") from e
-
-
 def _normalise(emb, path):
-    """Return float32 unit rows; refuse non-finite or all-zero rows, naming the file and the counts."""
-    if emb.ndim != 2:
-        raise ValueError(f"embeddings {path}: expected a 2-D N x D array, got shape {emb.shape}")
-    emb = emb.astype(np.float32, copy=False)
-    bad = ~np.isfinite(emb)
-    if bad.any():
-        raise ValueError(f"embeddings {path}: {int(bad.sum())} non-finite values in {int(bad.any(1).sum())} "
-                         f"of {len(emb)} rows (first row {int(np.flatnonzero(bad.any(1))[0])}); re-extract them")
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError(f"embeddings {path}: {int((norms == 0).sum())} of {len(emb)} rows are all zero")
+    """Unit float32 rows (metrics.as_embeddings: non-finite or all-zero rows refused, naming the file); a note
+    when the file's rows were not unit length."""
+    e = metrics.as_embeddings(emb, f"embeddings {path}").numpy()
+    norms = np.linalg.norm(np.asarray(emb, dtype=np.float32), axis=1)
     if np.abs(norms - 1).max() > 1e-3:
         print(f"note: {path} rows are not unit length (norms {norms.min():.3g}..{norms.max():.3g}); re-normalised")
-    return np.ascontiguousarray(emb / norms)
+    return e
+
+
+def load_sets(args):
+    """Both sets through embeddings.load (each file checked: lengths, dtypes, NaN/inf rows, repeated ids, labels,
+    class names), model 2 matched to model 1 by image id and its classes by name (embeddings.align); all before
+    any work. Returns (set 1, set 2 in set 1's image order and class numbering).
+
+    --labels / --image-ids / --patient-ids replace model 1's files. A set without image ids is matched by
+    position (its rows must then be in the other's order): it takes the other set's ids, or 0..N-1.
+    """
+    s1 = embeddings.load(args.model1_embeddings, labels=args.labels, image_ids=args.image_ids,
+                         patient_ids=args.patient_ids, required=(), flag="--model1-embeddings")
+    s2 = embeddings.load(args.model2_embeddings, required=(), flag="--model2-embeddings")
+    if s1.n != s2.n:
+        raise ValueError(f"the embedding files hold different numbers of images: {s1.path} has {s1.n} rows, "
+                         f"{s2.path} has {s2.n} rows; extract both from the same image list")
+    files = embeddings.sidecar_paths(s1.path)
+    if s1.labels is None:
+        raise ValueError(f"labels file {files['labels']} not found; pass --labels L.npy (N integer labels)")
+    if s1.patient_ids is None and args.exclude_same_patient:
+        raise ValueError(f"patient ids file {files['patient_ids']} not found; --exclude-same-patient needs "
+                         f"--patient-ids P.npy")
+    ids = next((s.image_ids for s in (s1, s2) if s.image_ids is not None), np.arange(s1.n).astype(str))
+    s1, s2 = (s if s.image_ids is not None else replace(s, image_ids=ids) for s in (s1, s2))
+    if s2.labels is None and s2.class_names is None:  # nothing of model 2's classes to match
+        s2 = replace(s2, class_names=s1.class_names)
+    s2 = embeddings.align(s1, s2)
+    args._class_names_from_meta = s1.class_names
+    return s1, s2
 
 
 def load_inputs(args):
-    """Load and check everything before any work; return (e1, e2, labels, image_ids, patient_ids)."""
-    p1, p2 = Path(args.model1_embeddings), Path(args.model2_embeddings)
-    e1, e2 = _load(p1, "--model1-embeddings"), _load(p2, "--model2-embeddings")
-    if e1.ndim != 2 or e2.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D N x D arrays: {p1} has shape {e1.shape}, {p2} has shape {e2.shape}")
-    if len(e1) != len(e2):
-        raise ValueError(f"the embedding files hold different numbers of images: {p1} has {len(e1)} rows, "
-                         f"{p2} has {len(e2)} rows; extract both from the same image list")
-    n = len(e1)
-
-    label_path = Path(args.labels) if args.labels else _sibling(p1, "labels")
-    if not label_path.is_file():
-        raise ValueError(f"labels file {label_path} not found; pass --labels L.npy (N integer labels)")
-    labels = _load(label_path, "--labels")
-    if labels.ndim != 1 or len(labels) != n:
-        raise ValueError(f"labels file {label_path} holds {labels.size} labels (shape {labels.shape}) but the "
-                         f"embedding files {p1} and {p2} hold {n} rows")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels file {label_path}: expected integer labels, got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
-    other_labels = _sibling(p2, "labels")
-    # Class identity travels with each file (X_meta.json): model 2's ids are matched to model 1's by name, as
-    # test.py does for a query and a gallery set extracted separately.
-    names1, names2 = dataset.read_class_names(p1), dataset.read_class_names(p2)
-    if other_labels.is_file() and other_labels != label_path:
-        l2 = _load(other_labels, "labels")
-        if l2.shape != labels.shape:
-            raise ValueError(f"labels disagree: {label_path} holds {labels.size} labels, {other_labels} {l2.size}")
-        if args.labels is None:
-            names1, labels, l2 = dataset.align_class_names(names1, labels, names2, l2, p1, p2)
-        if (l2 != labels).any():
-            diff = int((l2 != labels).sum())
-            raise ValueError(f"labels disagree: {label_path} and {other_labels} differ at {diff} of {n} positions"
-                             + (" (compared by class name)" if names1 is not None else ""))
-    elif names1 is not None and names2 is not None and names1 != names2:
-        raise ValueError(f"class names differ: {p1} has {names1}, {p2} has {names2}, and {p2} has no labels file "
-                         f"to match them by name")
-    args._class_names_from_meta = names1
-
-    # Every id file that exists must agree with every other, position by position.
-    id_files = [Path(args.image_ids)] if args.image_ids else []
-    id_files += [f for f in (_sibling(p1, "image_ids"), _sibling(p2, "image_ids")) if f.is_file() and f not in id_files]
-    image_ids = None
-    for f in id_files:
-        ids = _load(f, "image ids").astype(str)
-        if ids.ndim != 1 or len(ids) != n:
-            raise ValueError(f"image ids file {f} holds {ids.size} ids but the embedding files hold {n} rows")
-        if image_ids is None:
-            image_ids, first = ids, f
-        elif (ids != image_ids).any():
-            where = np.flatnonzero(ids != image_ids)
-            raise ValueError(f"image ids disagree: {first} and {f} differ at {len(where)} of {n} positions "
-                             f"(first at row {where[0]}: {image_ids[where[0]]!r} vs {ids[where[0]]!r}); "
-                             f"the two embedding files are not of the same images in the same order")
-    if image_ids is None:
-        image_ids = np.array([str(i) for i in range(n)])
-
-    patient_ids = None
-    pid_path = Path(args.patient_ids) if args.patient_ids else _sibling(p1, "patient_ids")
-    if pid_path.is_file():
-        patient_ids = _load(pid_path, "patient ids").astype(str)
-        if patient_ids.ndim != 1 or len(patient_ids) != n:
-            raise ValueError(f"patient ids file {pid_path} holds {patient_ids.size} ids but the embedding files "
-                             f"hold {n} rows")
-    elif args.patient_ids or args.exclude_same_patient:
-        raise ValueError(f"patient ids file {pid_path} not found; --exclude-same-patient needs --patient-ids P.npy")
-
-    e1, e2 = _normalise(e1, p1), _normalise(e2, p2)
-    return e1, e2, labels, image_ids, patient_ids
+    """Load and check everything before any work; return (e1, e2, labels, image_ids, patient_ids), unit rows."""
+    s1, s2 = load_sets(args)
+    return _normalise(s1.embeddings, s1.path), _normalise(s2.embeddings, s2.path), s1.labels, s1.image_ids, \
+        s1.patient_ids
 
 
-def model_label(path):
-    """What produced an embedding set, for tables and figures: the model and its backbone(s) from X_meta.json
-    (extract_embeddings.py writes them), e.g. 'convnextv2 (convnextv2_atto)'; else the file name without .npy."""
-    meta = dataset.embedding_sidecars(path)["meta"]
-    try:
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta}: not a readable JSON file ({e})") from e
-    name = info.get("model_name") if isinstance(info, dict) else None
+def model_label(path, meta=None):
+    """What produced an embedding set, for tables and figures: the model and its backbone(s) from the set's meta
+    (extract_embeddings.py writes them), e.g. 'convnextv2 (convnextv2_atto)'; else the file name without .npy.
+    meta: the loaded set's meta (read from the file when not given)."""
+    info = embeddings.load(path, required=()).meta if meta is None else meta
+    name = info.get("model_name")
     if not isinstance(name, str) or not name:
         return Path(path).stem
     margs = info.get("model_args") if isinstance(info.get("model_args"), dict) else {}
@@ -219,12 +162,12 @@ def model_label(path):
     return f"{name} ({' + '.join(backbones)})" if backbones else name
 
 
-def model_names(args):
-    """(name 1, name 2): --model1-name/--model2-name, else model_label of each file; two equal labels (two
-    checkpoints of one model) get their file names added, so that rows and pairs stay distinct."""
+def model_names(args, metas=(None, None)):
+    """(name 1, name 2): --model1-name/--model2-name, else model_label of each file (metas: the loaded sets'); two
+    equal labels (two checkpoints of one model) get their file names added, so that rows and pairs stay distinct."""
     paths = (args.model1_embeddings, args.model2_embeddings)
     given = (args.model1_name, args.model2_name)
-    names = [g if g else model_label(p) for g, p in zip(given, paths)]
+    names = [g if g else model_label(p, m) for g, p, m in zip(given, paths, metas)]
     if names[0] == names[1]:
         if given[0] and given[1]:
             raise ValueError(f"--model1-name and --model2-name are both {names[0]!r}; give two different names")
@@ -253,41 +196,32 @@ def check_images(args, image_ids):
     return find
 
 
-def load_learned(args, image_ids, n):
-    """The learned-fusion embeddings of the same images (ids checked when both files have them), unit rows."""
-    path = Path(args.learned_embeddings)
-    e = _load(path, "--learned-embeddings")
-    if e.ndim != 2 or len(e) != n:
-        raise ValueError(f"--learned-embeddings {path}: shape {e.shape}, expected {n} rows like the model files")
-    ids_file = _sibling(path, "image_ids")
-    if ids_file.is_file():
-        ids = _load(ids_file, "image ids").astype(str)
-        if ids.shape != image_ids.shape or (ids != image_ids).any():
-            raise ValueError(f"--learned-embeddings {path}: its image ids ({ids_file}) are not those of the model "
-                             f"files in the same order; apply the fusion head to the same embedding files")
-    return _normalise(e, path)
+def load_learned(args, s1):
+    """The learned-fusion embeddings (train_fusion.py --apply) of set 1's images, in its image order (matched by
+    id; a file without ids by position), unit rows. Only its rows are used: labels and classes are set 1's."""
+    s = embeddings.load(args.learned_embeddings, required=(), flag="--learned-embeddings")
+    if s.n != s1.n:
+        raise ValueError(f"--learned-embeddings {s.path}: shape {s.embeddings.shape}, expected {s1.n} rows like "
+                         f"the model files")
+    if s.image_ids is not None:
+        s = embeddings.take_ids(s, s1.image_ids, s1.name)
+    return _normalise(s.embeddings, s.path)
 
 
-def single_model_scores(e, labels, k, patient_ids=None, chunk_size=512):
+def _ranking(e, labels, k, patient_ids, chunk_size, full_ranking):
+    """metrics.rank leave-one-out (self by index and, given patient ids, the query's patient excluded; the tie
+    rule of metrics.py) on rows used as they are: unit rows from _normalise, the same rows this script's
+    fusions multiply, so each model's own lists and a fusion at alpha 1 rank identical similarities."""
+    t = torch.from_numpy(np.ascontiguousarray(e, dtype=np.float32))
+    return metrics.rank(t, np.asarray(labels, dtype=np.int64), k=k, query_groups=patient_ids,
+                        full_ranking=full_ranking, chunk_size=chunk_size, _checked=True)
+
+
+def single_model_scores(e, labels, k, patient_ids=None, chunk_size=None):
     """Leave-one-out AP@k and R@1 per query of one embedding set (self and, given patient ids, the query's
-    patient excluded), with metrics.py's top-k and tie rule, as compare_embeddings does for each model."""
-    n = len(labels)
-    t = torch.from_numpy(np.ascontiguousarray(e))
-    lab = np.asarray(labels, dtype=np.int64)
-    pid = None if patient_ids is None else np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1]
-    ap, r1 = np.empty(n), np.empty(n)
-    for r0 in range(0, n, chunk_size):
-        rows = np.arange(r0, min(n, r0 + chunk_size))
-        with torch.no_grad():
-            sim = (t[rows] @ t.T).numpy()
-        exclude = np.zeros(sim.shape, bool)
-        exclude[np.arange(len(rows)), rows] = True
-        if pid is not None:
-            exclude |= pid[rows][:, None] == pid[None, :]
-        idx = metrics.topk_from_similarity(sim, k, exclude_mask=exclude)
-        rel = lab[idx] == lab[rows][:, None]
-        ap[rows], r1[rows] = metrics.map_at_k(rel, k), metrics.recall_at_k(rel, 1)
-    return ap, r1
+    patient excluded), through metrics.rank, as compare_embeddings does for each model."""
+    r = _ranking(e, labels, k, patient_ids, chunk_size, full_ranking=False)
+    return metrics.map_at_k(r.relevant, k), metrics.recall_at_k(r.relevant, 1)
 
 
 def print_paired(pairs, key, num_queries, grouped):
@@ -317,10 +251,8 @@ def check_args(args, n, labels, patient_ids=None):
     if bad:
         raise ValueError(f"--fusion-alphas {bad}: each alpha must lie in [0, 1]")
     names = args.class_names
-    if names is None:  # written by extract_embeddings.py (aligned across the two files by load_inputs)
+    if names is None:  # written by extract_embeddings.py (aligned across the two files by load_sets)
         names = getattr(args, "_class_names_from_meta", None)
-        if names is None:
-            names = dataset.read_class_names(args.model1_embeddings)
     names = names or DEFAULT_CLASS_NAMES
     if labels.min() < 0 or labels.max() >= len(names):
         raise ValueError(f"labels range {labels.min()}..{labels.max()} but there are {len(names)} class names "
@@ -418,14 +350,15 @@ def zscore_rows(s, self_col):
     return (s - mean[:, None].astype(np.float32)) / std[:, None].astype(np.float32)
 
 
-def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=None, chunk_size=512,
+def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=None, chunk_size=None,
                        progress=True):
     """All pairwise quantities, chunked over query rows so memory grows with chunk_size x N, never N x N.
 
     e1 (N, D1), e2 (N, D2): float32 unit rows of the same images; labels (N,) int; patient_ids given ->
     same-patient images are excluded from the retrieval lists too. Returns per-query arrays: top-k indices of
-    each model, AP@k / R@1 / full-ranking AP of each model, overlap@k, Spearman rho, and AP@k of every fusion
-    (linear and z-score per alpha, RRF). Top-k lists and AP come from metrics.py (its tie rule included).
+    each model, AP@k / R@1 / full-ranking AP of each model (metrics.rank), overlap@k, Spearman rho, and AP@k of
+    every fusion (linear and z-score per alpha, RRF; metrics.topk_from_similarity on the fused rows). One tie
+    rule throughout (metrics.py). chunk_size None: CHUNK_ROWS rows here, metrics.rank's own default there.
     """
     n = len(labels)
     t1, t2 = torch.from_numpy(np.ascontiguousarray(e1)), torch.from_numpy(np.ascontiguousarray(e2))
@@ -434,14 +367,14 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
     if patient_ids is not None:
         pid = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1].reshape(-1)
     na = len(alphas)
-    out = {
-        "top1": np.empty((n, k), np.int64), "top2": np.empty((n, k), np.int64),
-        "ap1": np.empty(n), "ap2": np.empty(n), "r1_1": np.empty(n), "r1_2": np.empty(n),
-        "fullap1": np.empty(n), "fullap2": np.empty(n), "rho": np.empty(n),
-        "fusion": np.empty((na, n)), "zscore": np.empty((na, n)), "rrf": np.empty(n),
-    }
-    for r0 in tqdm(range(0, n, chunk_size), desc="comparing", unit="chunk", disable=not progress):
-        rows = np.arange(r0, min(n, r0 + chunk_size))
+    out = {"rho": np.empty(n), "fusion": np.empty((na, n)), "zscore": np.empty((na, n)), "rrf": np.empty(n)}
+    for key, e in (("1", e1), ("2", e2)):  # each model alone: metrics.rank
+        r = _ranking(e, lab, k, patient_ids, chunk_size, full_ranking=True)
+        out["top" + key], out["fullap" + key] = r.indices, r.ap
+        out["ap" + key], out["r1_" + key] = metrics.map_at_k(r.relevant, k), metrics.recall_at_k(r.relevant, 1)
+    step = chunk_size or CHUNK_ROWS
+    for r0 in tqdm(range(0, n, step), desc="comparing", unit="chunk", disable=not progress):
+        rows = np.arange(r0, min(n, r0 + step))
         c, sl = len(rows), slice(r0, r0 + len(rows))
         with torch.no_grad():
             s1, s2 = (t1[rows] @ t1.T).numpy(), (t2[rows] @ t2.T).numpy()  # (c, n) cosine similarities
@@ -455,12 +388,6 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
             idx = metrics.topk_from_similarity(sim, k, exclude_mask=exclude)
             return idx, np.take_along_axis(relevant, idx, axis=1)
 
-        for key, sim in (("1", s1), ("2", s2)):
-            idx, rel = topk_rel(sim)
-            out["top" + key][sl] = idx
-            out["ap" + key][sl] = metrics.map_at_k(rel, k)
-            out["r1_" + key][sl] = metrics.recall_at_k(rel, 1)
-            out["fullap" + key][sl] = metrics.average_precision(sim, relevant, exclude_mask=exclude)
         # Spearman and RRF ranks are over all other images (self excluded), whatever the patient exclusion.
         out["rho"][sl], rrf = _spearman_and_rrf(s1, s2, rows)
         out["rrf"][sl] = metrics.map_at_k(topk_rel(rrf)[1], k)
@@ -534,8 +461,7 @@ def plot_overlap_histogram(overlaps, k, names, path):
            title=f"Top-{k} overlap: {names[0]} vs {names[1]} ({len(overlaps)} queries)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def choose_queries(overlaps, num, seed):
@@ -636,21 +562,22 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
         parts = name.replace(" (", "\n(").replace(" + ", "\n+ ").split("\n")  # model, then each backbone
         axes[r, 0].set_ylabel("\n".join(w for p in parts for w in textwrap.wrap(p, 26)), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 # ----------------------------------------------------------------------------- main
 
-def main(args):
+def run(args):
     print_args(args)
-    e1, e2, labels, image_ids, patient_ids = load_inputs(args)
+    s1, s2 = load_sets(args)
+    e1, e2 = _normalise(s1.embeddings, s1.path), _normalise(s2.embeddings, s2.path)
+    labels, image_ids, patient_ids = s1.labels, s1.image_ids, s1.patient_ids
     n, k = len(labels), args.k
     class_names = check_args(args, n, labels, patient_ids)
-    e_learned = load_learned(args, image_ids, n) if args.learned_embeddings else None
+    e_learned = load_learned(args, s1) if args.learned_embeddings else None
     hierarchy = (metrics.load_hierarchy(args.hierarchy, class_names, args.hierarchy_distance)
                  if args.hierarchy else None)
-    names = model_names(args)
+    names = model_names(args, (s1.meta, s2.meta))
     find = check_images(args, image_ids)
     save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
     existing = [str(save_dir / f) for f in RESULT_FILES if (save_dir / f).exists()]
@@ -775,9 +702,9 @@ def main(args):
     return 0
 
 
+def main(args):
+    return run_main(run, args, "test_backbone.py")  # bad input: one line, exit code 2
+
+
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main(get_args_parser().parse_args()))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    raise SystemExit(main(get_args_parser().parse_args()))

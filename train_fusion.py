@@ -6,12 +6,15 @@ never on the test list):
   python train_fusion.py --embeddings emb/train_convnext.npy emb/train_conceptclip.npy --head mlp \
       --save-dir checkpoints/fusion --epochs 30
 Apply to the test list's embeddings of the same models (same order of --embeddings as in training: the
-checkpoint records each input's model from its _meta.json, and an input in another input's place is refused;
-a set whose meta names no model is accepted with a warning); writes fused.npy and its
-_labels/_image_ids/_patient_ids/_meta files in the extract_embeddings.py layout, so test.py and test_backbone.py
-(--learned-embeddings) read it unchanged (--output belongs to --apply; training refuses it):
+checkpoint records each input's model (embeddings.model_identity of its meta), and an input in another input's
+place is refused; a set whose meta names no model is accepted with a warning); writes fused.npy as an embedding
+set (embeddings.save: labels, image and patient ids, meta with the head's checkpoint and sha256 and the inputs),
+so test.py and test_backbone.py (--learned-embeddings) read it unchanged (--output belongs to --apply; training
+refuses it):
   python train_fusion.py --apply checkpoints/fusion/RUN/RUN_best_ckpt.pth \
       --embeddings emb/convnext.npy emb/conceptclip.npy --output emb/fused.npy
+The head trains on --device (not given: CUDA when available; it is small, --device cpu is quick too) and is
+applied on the CPU.
 Heads: concat (Linear over the normalised concatenation), mlp (Linear-LayerNorm-ReLU-Linear), gated (per-image
 softmax weights over the inputs' normalised, projected embeddings); model "fusion" of model.py's registry.
 Training: the toolkit's P x K sampler (dataset.PKSampler) and triplet loss (losses.TripletLoss), Adam.
@@ -22,15 +25,16 @@ images score AP 0), and so is a validation mAP@10 that stays 0 (then "best" is j
 """
 import argparse
 import json
-import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import dataset
+import embeddings
 import losses
 import metrics
 import model as M
@@ -41,7 +45,8 @@ SELECTION_METRIC = "mAP@10"
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train or apply a fusion head on frozen embeddings",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=utils.HelpFormatter,
+                                parents=[utils.get_runtime_parser(flags=("device",))])
     p.add_argument("--embeddings", nargs="+", required=True,
                    help="two or more N x D_i .npy files of the same images (extract_embeddings.py layout)")
     p.add_argument("--head", choices=M.FUSION_HEADS, default="mlp", help="fusion head (training)")
@@ -59,7 +64,6 @@ def get_args_parser():
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="fraction of the training images (whole patients) held out to choose the epoch")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the sampler and the head's init")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the head is small)")
     p.add_argument("--apply", type=Path, default=None, metavar="CKPT",
                    help="apply this fusion checkpoint to --embeddings and write --output")
     p.add_argument("--output", type=Path, default=None,
@@ -70,91 +74,66 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- inputs
 
-def _load(path, what, n=None):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} not found")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{what} {path} is not a plain .npy array ({e})") from e
-    if n is not None and len(a) != n:
-        raise ValueError(f"{what} {path} holds {len(a)} entries, its embeddings {n} rows")
-    return a
-
-
-def load_sets(paths):
-    """The embedding sets with rows in the FIRST file's order, matched by image id.
-
-    Returns (list of float32 (N, D_i) arrays, labels, image_ids, patient_ids or None, class_names or None).
-    Errors before any work: a single set, missing sidecars, different image ids or lengths, NaN rows.
-    """
+def read_sets(paths):
+    """The embedding sets (embeddings.load: each file checked), the others in the FIRST one's image order and class
+    numbering (embeddings.align: matched by image id and class name). Errors before any work: a single set, a
+    file given twice, missing labels (first set) or image ids, different images, NaN rows, disagreeing labels."""
     paths = [Path(p) for p in paths]
     if len(paths) < 2:
         raise ValueError(f"--embeddings: give two or more embedding sets to fuse, got {len(paths)} ({paths[0]})")
     if len(set(paths)) != len(paths):
         raise ValueError(f"--embeddings lists the same file twice: {[str(p) for p in paths]}")
-    sets = []
-    for p in paths:
-        e = _load(p, "--embeddings")
-        if e.ndim != 2:
-            raise ValueError(f"--embeddings {p}: expected a 2-D N x D array, got shape {e.shape}")
-        side = dataset.embedding_sidecars(p)
-        ids = _load(side["image_ids"], "image ids", len(e)).astype(str)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"{side['image_ids']}: image ids repeat; rows cannot be matched by id")
-        bad = ~np.isfinite(e).all(1)
-        if bad.any():
-            raise ValueError(f"--embeddings {p}: {int(bad.sum())} of {len(e)} rows hold NaN/inf (first row "
-                             f"{int(np.flatnonzero(bad)[0])}, image {ids[np.flatnonzero(bad)[0]]}); re-extract them")
-        sets.append((p, e.astype(np.float32), ids, side))
-    p0, e0, ids0, side0 = sets[0]
-    labels = _load(side0["labels"], "labels", len(e0))
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{side0['labels']}: expected N integer labels, got {labels.dtype} {labels.shape}")
-    names = dataset.read_class_names(p0)
-    pids = _load(side0["patient_ids"], "patient ids", len(e0)).astype(str) if side0["patient_ids"].is_file() else None
-    out = [e0]
-    for p, e, ids, side in sets[1:]:
-        if len(e) != len(e0) or set(ids) != set(ids0):
+    sets = [embeddings.load(p, required=("labels", "image_ids") if i == 0 else ("image_ids",), flag="--embeddings")
+            for i, p in enumerate(paths)]
+    first, out = sets[0], [sets[0]]
+    for s in sets[1:]:
+        if s.n != first.n or set(s.image_ids) != set(first.image_ids):
             # plain str: numpy 2 prints np.str_ elements of a list as np.str_('...')
-            only0 = [str(v) for v in sorted(set(ids0) - set(ids))[:3]]
-            only1 = [str(v) for v in sorted(set(ids) - set(ids0))[:3]]
-            raise ValueError(f"{p0} ({len(e0)} rows) and {p} ({len(e)} rows) are not of the same images "
+            only0 = [str(v) for v in sorted(set(first.image_ids) - set(s.image_ids))[:3]]
+            only1 = [str(v) for v in sorted(set(s.image_ids) - set(first.image_ids))[:3]]
+            raise ValueError(f"{first.path} ({first.n} rows) and {s.path} ({s.n} rows) are not of the same images "
                              f"(only in the first: {only0}, only in the second: {only1}); extract both from "
                              f"the same image list")
-        where = {v: i for i, v in enumerate(ids)}
-        order = np.array([where[v] for v in ids0])
-        if side["labels"].is_file():
-            lab = _load(side["labels"], "labels", len(e))[order]
-            _, a, b = dataset.align_class_names(names, labels, dataset.read_class_names(p), lab, p0, p)
-            if (a != b).any():
-                raise ValueError(f"labels of {p0} and {p} disagree on {int((a != b).sum())} images")
-        out.append(e[order])
-    return out, labels.astype(np.int64), ids0, pids, names
+        if s.labels is None and s.class_names is None:  # nothing of its classes to match
+            s = replace(s, class_names=first.class_names)
+        out.append(embeddings.align(first, s))
+    return out
 
 
-def input_identity(path):
-    """What produced an embedding set, from its X_meta.json: file name, model name, model args and checkpoint.
+def load_sets(paths):
+    """The embedding sets with rows in the FIRST file's order, matched by image id (read_sets).
 
-    model_name is None when the meta does not say (no X_meta.json, or one without a model): identity unknown.
-    A plain dict of strings (and the meta's model_args), so it can live in a weights_only checkpoint.
+    Returns (list of float32 (N, D_i) arrays, labels, image_ids, patient_ids or None, class_names or None).
     """
-    meta_path = dataset.embedding_sidecars(path)["meta"]
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta_path}: not a readable JSON file ({e})") from e
-    ckpt = meta.get("resume") or meta.get("checkpoint")  # extract_embeddings.py / a fused set of --apply
-    return {"file": Path(path).name, "model_name": meta.get("model_name"), "model_args": meta.get("model_args"),
-            "checkpoint": None if ckpt is None else os.path.normpath(str(ckpt))}
+    sets = read_sets(paths)
+    first = sets[0]
+    return [s.embeddings for s in sets], first.labels, first.image_ids, first.patient_ids, first.class_names
+
+
+def input_identity(s):
+    """What produced an embedding set: file name, model name, embeddings.model_identity of its meta (a checkpoint
+    by its sha256, or by its path in older meta; else name + arguments) and the checkpoint path, for messages.
+
+    model_name and identity are None when the meta does not say (no meta file, or one without a model): identity
+    unknown. Plain strings, so the list lives in a weights_only checkpoint.
+    """
+    meta = s.meta
+    named = isinstance(meta.get("model_name"), str)
+    ckpt = (meta.get("model_source") or {}).get("checkpoint") or meta.get("resume") or meta.get("checkpoint")
+    return {"file": s.path.name, "model_name": meta.get("model_name") if named else None,
+            "identity": s.model_identity if named else None, "checkpoint": None if ckpt is None else str(ckpt)}
 
 
 def _identity_key(ident):
-    """Comparable identity (None when unknown); the file name is left out: train and test sets differ in it."""
+    """Comparable identity (None when unknown); the file name is left out: train and test sets differ in it.
+    Checkpoints written before issue 20 stored model_name, model_args and checkpoint instead of identity: the same
+    string is rebuilt from them (embeddings.model_identity of an older meta)."""
     if not ident or ident.get("model_name") is None:
         return None
-    return ident["model_name"], json.dumps(ident.get("model_args"), sort_keys=True), ident.get("checkpoint")
+    if "identity" in ident:
+        return ident["identity"]
+    return embeddings.model_identity({"model_name": ident["model_name"], "model_args": ident.get("model_args"),
+                                      "checkpoint": ident.get("checkpoint")})
 
 
 def _describe(ident):
@@ -179,11 +158,11 @@ def check_input_order(trained, given, ckpt_path):
     warnings = []
     for i, (o, n) in enumerate(zip(old, new)):
         if n is None:
-            warnings.append(f"input {i + 1} ({given[i]['file']}): its _meta.json names no model, so its position "
+            warnings.append(f"input {i + 1} ({given[i]['file']}): its meta file names no model, so its position "
                             f"cannot be checked; it must hold the embeddings of training input {i + 1}'s model "
                             f"({_describe(trained[i]) if o is not None else trained[i]['file']})")
         elif o is None:
-            warnings.append(f"input {i + 1} ({given[i]['file']}): the _meta.json of training input {i + 1} "
+            warnings.append(f"input {i + 1} ({given[i]['file']}): the meta file of training input {i + 1} "
                             f"({trained[i]['file']}) named no model, so its position cannot be checked")
         elif o != n:
             warnings.append(f"input {i + 1} {_describe(given[i])} is not the model the head was trained on there "
@@ -234,8 +213,10 @@ def train(args):
         raise ValueError(f"--output {args.output} is written by --apply only; training writes its checkpoints "
                          f"into --save-dir/RUN: drop --output, then apply the best checkpoint with "
                          f"--apply CKPT --embeddings ... --output {args.output}")
-    sets, labels, ids, pids, names = load_sets(args.embeddings)
-    identities = [input_identity(p) for p in args.embeddings]
+    loaded = read_sets(args.embeddings)
+    sets, labels, ids = [s.embeddings for s in loaded], loaded[0].labels, loaded[0].image_ids
+    pids, names = loaded[0].patient_ids, loaded[0].class_names
+    identities = [input_identity(s) for s in loaded]
     if args.epochs < 1 or args.k < 1 or args.embedding_dim < 1:
         raise ValueError("--epochs, -k and --embedding-dim must be >= 1")
     if not 0 < args.val_fraction < 1:
@@ -326,42 +307,34 @@ def load_fusion_checkpoint(path):
 def apply(args):
     if args.output is None:
         raise ValueError("--apply needs --output fused.npy")
-    out = dataset.embedding_sidecars(args.output)
-    out = {"embeddings": Path(args.output).with_suffix(".npy"), **out}
-    existing = [str(p) for p in out.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"--output {args.output}: {', '.join(existing)} exist; pass --overwrite to replace them")
+    embeddings.check_output(args.output, args.overwrite, "--output")
     head, ckpt = load_fusion_checkpoint(args.apply)
-    sets, labels, ids, pids, names = load_sets(args.embeddings)
-    dims = [s.shape[1] for s in sets]
+    loaded = read_sets(args.embeddings)
+    dims = [s.dim for s in loaded]
     if dims != head.input_dims:
         raise ValueError(f"--apply {args.apply} was trained on inputs of widths {head.input_dims}, --embeddings "
                          f"give {dims}; pass the same models' embeddings in the same order")
-    for w in check_input_order(ckpt.get("fusion_input_models"), [input_identity(p) for p in args.embeddings],
-                               args.apply):
+    identities = [input_identity(s) for s in loaded]
+    for w in check_input_order(ckpt.get("fusion_input_models"), identities, args.apply):
         print(f"warning: {w}", file=sys.stderr)
-    utils.check_writable_dir(out["embeddings"].parent, "--output")
-    out["embeddings"].parent.mkdir(parents=True, exist_ok=True)
-    fused = embed(head, fuse_input(sets), torch.device("cpu")).astype(np.float32)
-    utils.atomic_np_save(out["labels"], labels)
-    utils.atomic_np_save(out["image_ids"], np.asarray(ids, dtype=str))
-    if pids is not None:
-        utils.atomic_np_save(out["patient_ids"], pids)
-    utils.atomic_np_save(out["embeddings"], fused)
-    utils.save_json({"model_name": "fusion", "model_args": head.model_args, "checkpoint": str(args.apply),
-                     "epoch": ckpt.get("epoch"), "inputs": [str(p) for p in args.embeddings],
-                     "class_names": names, "seed": args.seed}, out["meta"])
-    print(f"wrote {out['embeddings']} {fused.shape} and its _labels/_image_ids/_patient_ids/_meta files")
+    fused = embed(head, fuse_input([s.embeddings for s in loaded]), torch.device("cpu")).astype(np.float32)
+    first = loaded[0]
+    meta = embeddings.make_meta(model=head, checkpoint=args.apply, class_names=first.class_names, seed=args.seed,
+                                epoch=ckpt.get("epoch"), inputs=[str(p) for p in args.embeddings],
+                                input_models=identities)
+    out = embeddings.save(args.output, replace(first, embeddings=fused, meta=meta), overwrite=args.overwrite,
+                          flag="--output")
+    print(f"wrote {out.path} {fused.shape}, an embedding set of {Path(args.apply).name}")
     return 0
 
 
-def main(args):
+def run(args):
     return apply(args) if args.apply is not None else train(args)
 
 
+def main(args):
+    return utils.run_main(run, args, "train_fusion.py")  # bad input: one line, exit code 2
+
+
 if __name__ == "__main__":
-    try:
-        sys.exit(main(get_args_parser().parse_args()))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -189,9 +189,11 @@ def test_main_writes_exact_keys_and_plots(tmp_path, capsys):
     assert len(list(out.glob("query_*_comparison.png"))) == 4
     text = capsys.readouterr().out
     assert "Mean Overlap@5" in text and "Spearman rho" in text and "RRF" in text
-    # results already there: refused, then replaced with --overwrite
+    # results already there: refused (main: one line, exit code 2; run raises), then replaced with --overwrite
     with pytest.raises(ValueError, match="--overwrite"):
-        tb.main(args)
+        tb.run(args)
+    capsys.readouterr()
+    assert tb.main(args) == 2 and "test_backbone.py: error: " in capsys.readouterr().err
     assert tb.main(args_for(tmp_path, a, b, "--overwrite", "--visualize-samples", "0", "--exclude-same-patient")) == 0
 
 
@@ -212,16 +214,25 @@ def test_label_count_error(tmp_path):
     e1, e2, labels = random_sets()
     a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
     np.save(tmp_path / "short.npy", labels[:20])
-    with pytest.raises(ValueError, match=r"short\.npy holds 20 labels.*30 rows"):
+    with pytest.raises(ValueError, match=r"short\.npy: 20 entries.*m1\.npy has 30 rows"):  # embeddings.load
         tb.load_inputs(args_for(tmp_path, a, b, "--labels", str(tmp_path / "short.npy")))
 
 
-def test_image_id_mismatch_error(tmp_path):
+def test_rows_matched_by_image_id_and_other_images_refused(tmp_path):
+    # issue 20: model 2 in another order is matched by image id (embeddings.align), no longer refused
     e1, e2, labels = random_sets()
-    ids = [f"img{i}" for i in range(30)]
+    ids = np.array([f"img{i}" for i in range(30)])
     a = write_set(tmp_path, "m1", e1, labels, ids)
-    b = write_set(tmp_path, "m2", e2, labels, ids[::-1])
-    with pytest.raises(ValueError, match=r"m1_image_ids\.npy and .*m2_image_ids\.npy differ at 30 of 30"):
+    b = write_set(tmp_path, "m2", e2[::-1], labels[::-1], ids[::-1])
+    got1, got2, lab, got_ids, _ = tb.load_inputs(args_for(tmp_path, a, b))
+    assert got_ids.tolist() == ids.tolist() and lab.tolist() == labels.tolist()
+    np.testing.assert_allclose(got2, e2 / np.linalg.norm(e2, axis=1, keepdims=True), atol=1e-6)
+    # the same order of ids with the labels of another order: the labels disagree
+    b = write_set(tmp_path, "m2", e2, labels[::-1], ids)
+    with pytest.raises(ValueError, match=r"labels of .*m1\.npy and .*m2\.npy disagree"):
+        tb.load_inputs(args_for(tmp_path, a, b))
+    b = write_set(tmp_path, "m2", e2, labels, [f"other{i}" for i in range(30)])
+    with pytest.raises(ValueError, match=r"are not of the same images"):
         tb.load_inputs(args_for(tmp_path, a, b))
 
 
@@ -229,7 +240,7 @@ def test_non_finite_error_counts(tmp_path):
     e1, e2, labels = random_sets()
     e2[3, 0], e2[7, :2] = np.nan, np.inf
     a, b = write_set(tmp_path, "m1", e1, labels), write_set(tmp_path, "m2", e2, labels)
-    with pytest.raises(ValueError, match=r"m2\.npy: 3 non-finite values in 2 of 30 rows"):
+    with pytest.raises(ValueError, match=r"m2\.npy: 2 of 30 rows hold NaN or inf \(rows 3, 7\)"):  # embeddings.load
         tb.load_inputs(args_for(tmp_path, a, b))
 
 
@@ -264,7 +275,7 @@ def test_labels_aligned_by_class_name(tmp_path):
     assert tb.check_args(args, 30, lab) == names1
     # ids equal but names differ: the same id means different classes -> refused
     write_meta(b, ["b", "a", "c"])
-    with pytest.raises(ValueError, match="compared by class name"):
+    with pytest.raises(ValueError, match=r"labels of .*m1\.npy and .*m2\.npy disagree on \d+ of 30 images"):
         tb.load_inputs(args_for(tmp_path, a, b))
 
 
@@ -278,7 +289,7 @@ def test_names_on_one_file_only_is_an_error_naming_both(tmp_path):
 
 def test_help_shows_defaults_and_every_flag_has_help():
     p = tb.get_args_parser()
-    assert p.formatter_class is __import__("argparse").ArgumentDefaultsHelpFormatter
+    assert p.formatter_class is __import__("utils").HelpFormatter
     missing = [a.option_strings for a in p._actions if not a.help]
     assert missing == []
     assert "(default: 5)" in p.format_help()
@@ -368,10 +379,10 @@ def test_image_dir_typo_is_an_error_before_any_work(tmp_path):
     ids = [f"img{i}" for i in range(30)]
     a, b = write_set(tmp_path, "m1", e1, labels, ids), write_set(tmp_path, "m2", e2, labels, ids)
     with pytest.raises(ValueError, match=r"--image-dir .*imagse: not a folder"):
-        tb.main(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "imagse")))
+        tb.run(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "imagse")))
     (tmp_path / "other").mkdir()  # a folder without any of the images: the wrong folder
     with pytest.raises(ValueError, match=r"--image-dir .*other: none of the 30 images \(e\.g\. img0\.png\)"):
-        tb.main(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "other")))
+        tb.run(args_for(tmp_path, a, b, "--image-dir", str(tmp_path / "other")))
     assert not (tmp_path / "out").exists()
 
 
@@ -427,3 +438,37 @@ def test_hierarchy_distance_is_used_and_recorded(tmp_path):
 def test_help_lines_do_not_repeat_their_default():
     p = tb.get_args_parser()
     assert [a.option_strings for a in p._actions if a.help and "default" in a.help.lower()] == []
+
+
+# ----------------------------------------------------------------------------- issue 20: metrics.rank, embeddings.load
+
+def test_each_model_ranked_by_metrics_rank_and_chunk_size_changes_nothing():
+    e1, e2, labels = random_sets(40, seed=3)
+    e1, e2 = tb._normalise(e1, "a"), tb._normalise(e2, "b")
+    pids = np.array([f"p{i // 2}" for i in range(40)])
+    import metrics
+    for groups in (None, pids):
+        auto = tb.compare_embeddings(e1, e2, labels, k=5, patient_ids=groups, progress=False)  # chunk_size None
+        for key, e in (("1", e1), ("2", e2)):
+            ev = metrics.evaluate(e, labels, query_groups=groups, exclude_same_group=groups is not None,
+                                  k_values=(1, 5), vote_k=())
+            assert auto["ap" + key].mean() == pytest.approx(ev["mAP@5"]) and auto["r1_" + key].mean() == ev["R@1"]
+            assert np.nanmean(auto["fullap" + key]) == pytest.approx(ev["mAP"])
+        small = tb.compare_embeddings(e1, e2, labels, k=5, patient_ids=groups, chunk_size=7, progress=False)
+        for key in auto:
+            np.testing.assert_array_equal(auto[key], small[key])
+    assert tb.get_args_parser().parse_args(["--model1-embeddings", "a", "--model2-embeddings", "b"]).chunk_size is None
+
+
+def test_learned_set_matched_by_image_id(tmp_path):
+    e1, e2, labels = random_sets()
+    ids = np.array([f"img{i}" for i in range(30)])
+    a, b = write_set(tmp_path, "m1", e1, labels, ids), write_set(tmp_path, "m2", e2, labels, ids)
+    perm = np.random.default_rng(0).permutation(30)
+    f = write_set(tmp_path, "fused", e2[perm], labels[perm], ids[perm])
+    args = args_for(tmp_path, a, b, "--learned-embeddings", f)
+    s1, _ = tb.load_sets(args)
+    np.testing.assert_allclose(tb.load_learned(args, s1), tb._normalise(e2, "b"), atol=1e-6)
+    g = write_set(tmp_path, "other", e2, labels, [f"x{i}" for i in range(30)])
+    with pytest.raises(ValueError, match="not of the same images"):
+        tb.load_learned(args_for(tmp_path, a, b, "--learned-embeddings", g), s1)

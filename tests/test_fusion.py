@@ -162,10 +162,10 @@ def test_bad_inputs_refused_before_any_work(tmp_path):
     }
     bn = b.copy()
     bn[5, 1] = np.nan
-    cases["nan"] = ([fa, write_set(tmp_path, "b3", bn, y, ids)], r"1 of 40 rows hold NaN.*row 5, image i5")
+    cases["nan"] = ([fa, write_set(tmp_path, "b3", bn, y, ids)], r"1 of 40 rows hold NaN or inf \(rows 5 \(i5\)\)")
     for name, (files, msg) in cases.items():
         with pytest.raises(ValueError, match=msg):
-            tf.main(train_args(tmp_path, files))
+            tf.run(train_args(tmp_path, files))
         assert not (tmp_path / "ck").exists(), name
 
 
@@ -176,16 +176,17 @@ def test_apply_checks_widths_and_overwrite(tmp_path):
     assert tf.main(train_args(tmp_path, [fa, fb], "--epochs", "1", "--head", "concat")) == 0
     ckpt = str(next((tmp_path / "ck").glob("*/*_best_ckpt.pth")))
     with pytest.raises(ValueError, match="already holds a run"):
-        tf.main(train_args(tmp_path, [fa, fb], "--epochs", "1", "--head", "concat"))
+        tf.run(train_args(tmp_path, [fa, fb], "--epochs", "1", "--head", "concat"))
     out = str(tmp_path / "f.npy")
     with pytest.raises(ValueError, match=r"widths \[66, 66\]"):
-        tf.main(tf.get_args_parser().parse_args(["--apply", ckpt, "--embeddings", fb,
+        tf.run(tf.get_args_parser().parse_args(["--apply", ckpt, "--embeddings", fb,
                                                  write_set(tmp_path, "s", a[:, :10], y, ids), "--output", out]))
     assert tf.main(tf.get_args_parser().parse_args(["--apply", ckpt, "--embeddings", fa, fb, "--output", out])) == 0
-    meta = json.loads((tmp_path / "f_meta.json").read_text())
-    assert meta["model_name"] == "fusion" and meta["checkpoint"] == ckpt
+    meta = json.loads((tmp_path / "f_meta.json").read_text())  # embeddings.make_meta: the head by path and hash
+    assert meta["model_name"] == "fusion" and meta["model_source"]["checkpoint"] == ckpt
+    assert meta["inputs"] == [fa, fb] and len(meta["model_source"]["sha256"]) == 64
     with pytest.raises(ValueError, match="--overwrite"):
-        tf.main(tf.get_args_parser().parse_args(["--apply", ckpt, "--embeddings", fa, fb, "--output", out]))
+        tf.run(tf.get_args_parser().parse_args(["--apply", ckpt, "--embeddings", fa, fb, "--output", out]))
     # the fused set is a valid input of test_backbone.py --learned-embeddings
     import test_backbone as tbk
     args = tbk.get_args_parser().parse_args(["--model1-embeddings", fa, "--model2-embeddings", fb,
@@ -268,7 +269,7 @@ def test_apply_refuses_equal_width_inputs_in_swapped_order(tmp_path, capsys):
     ta = with_model(write_set(tmp_path, "m1", a, y, tids, names=names), "convnextv2", "./ck/m1.pth")
     tb = with_model(write_set(tmp_path, "m2", b, y, tids, names=names), "conceptclip", None)
     out = tmp_path / "fused.npy"
-    apply = lambda *files: tf.main(tf.get_args_parser().parse_args(  # noqa: E731
+    apply = lambda *files: tf.run(tf.get_args_parser().parse_args(  # noqa: E731
         ["--apply", ckpt, "--embeddings", *files, "--output", str(out), "--overwrite"]))
     with pytest.raises(ValueError, match=r"another order than in training: input 1 m2.npy \(conceptclip\) is the "
                                          r"model of training input 2"):
@@ -279,7 +280,7 @@ def test_apply_refuses_equal_width_inputs_in_swapped_order(tmp_path, capsys):
     # no model in a set's meta: accepted, with a warning that the order cannot be checked
     tc = write_set(tmp_path, "m3", b, y, tids, names=names)
     assert apply(ta, tc) == 0
-    assert "input 2 (m3.npy): its _meta.json names no model, so its position cannot be checked" \
+    assert "input 2 (m3.npy): its meta file names no model, so its position cannot be checked" \
         in capsys.readouterr().err
 
 
@@ -291,7 +292,7 @@ def test_apply_refuses_an_image_model_checkpoint_with_advice_it_can_follow(tmp_p
     ids = [f"i{i}" for i in range(20)]
     files = [write_set(tmp_path, "a", a, y, ids), write_set(tmp_path, "b", b, y, ids)]
     with pytest.raises(ValueError) as e:
-        tf.main(tf.get_args_parser().parse_args(["--apply", str(ckpt), "--embeddings", *files,
+        tf.run(tf.get_args_parser().parse_args(["--apply", str(ckpt), "--embeddings", *files,
                                                  "--output", str(tmp_path / "f.npy")]))
     msg = str(e.value)
     # train_fusion.py has no --model flag: the advice names what to give instead
@@ -313,7 +314,7 @@ def test_training_refuses_output_before_any_work(tmp_path):
     ids = [f"i{i}" for i in range(40)]
     files = [write_set(tmp_path, "a", a, y, ids), write_set(tmp_path, "b", b, y, ids)]
     with pytest.raises(ValueError, match="--output .* is written by --apply only"):
-        tf.main(train_args(tmp_path, files, "--output", str(tmp_path / "f.npy")))
+        tf.run(train_args(tmp_path, files, "--output", str(tmp_path / "f.npy")))
     assert not (tmp_path / "ck").exists() and not (tmp_path / "f.npy").exists()
 
 
@@ -330,3 +331,44 @@ def test_validation_that_cannot_choose_an_epoch_is_warned(tmp_path, capsys):
     assert "20 of 20 validation images have no image of their class from another patient" in err
     assert "stayed 0.0000 in all 2 epochs" in err and "larger --val-fraction" in err
     assert json.loads(next((tmp_path / "ck").glob("*/args.json")).read_text())["val_warning"].startswith("20 of 20")
+
+
+# ----------------------------------------------------------------------------- issue 20: one owner for embedding sets
+
+def meta_set(name, meta):
+    import embeddings
+    return embeddings.EmbeddingSet(np.zeros((1, 2), np.float32), meta=meta, path=Path(f"emb/{name}.npy"))
+
+
+def test_identities_of_old_meta_and_old_checkpoints_still_refuse_a_swap():
+    # a checkpoint written before issue 20 stored model_name / model_args / checkpoint per input
+    trained = [{"file": "train_a.npy", "model_name": "convnextv2", "model_args": {"d": 1}, "checkpoint": "ck/a.pth"},
+               {"file": "train_b.npy", "model_name": "fusion", "model_args": {"d": 2}, "checkpoint": "ck/f.pth"}]
+    # today's test sets: extract_embeddings.py's old "resume" (path spelled differently) and --apply's old "checkpoint"
+    a = tf.input_identity(meta_set("a", {"model_name": "convnextv2", "model_args": {"d": 1}, "resume": "./ck/a.pth"}))
+    b = tf.input_identity(meta_set("b", {"model_name": "fusion", "model_args": {"d": 2}, "checkpoint": "ck/f.pth"}))
+    assert tf.check_input_order(trained, [a, b], "h.pth") == []
+    with pytest.raises(ValueError, match=r"input 1 b.npy \(fusion from ck/f.pth\) is the model of training input 2"):
+        tf.check_input_order(trained, [b, a], "h.pth")
+
+
+def test_two_fusion_heads_are_two_models(tmp_path):
+    # the bug of issue 20: both fused sets said only "checkpoint", so ood.py / concepts.py took them for one model
+    a, b, y = planted_sets(60, seed=11)
+    ids = [f"i{i}" for i in range(60)]
+    files = [write_set(tmp_path, "a", a, y, ids), write_set(tmp_path, "b", b, y, ids)]
+    outs = []
+    for seed in ("0", "1"):
+        assert tf.main(train_args(tmp_path, files, "--epochs", "1", "--head", "concat", "--seed", seed, "-k", "4")) == 0
+        ckpt = next((tmp_path / "ck").glob(f"*seed_{seed}/*_best_ckpt.pth"))
+        outs.append(tmp_path / f"fused{seed}.npy")
+        assert tf.main(tf.get_args_parser().parse_args(["--apply", str(ckpt), "--embeddings", *files,
+                                                        "--output", str(outs[-1])])) == 0
+    import embeddings
+    s0, s1 = (embeddings.load(o) for o in outs)
+    assert s0.model_identity != s1.model_identity and s0.model_identity.startswith("fusion checkpoint sha256:")
+    assert s0.image_ids.tolist() == ids and s0.labels.tolist() == y.tolist()
+
+
+def test_device_default_is_automatic():
+    assert tf.get_args_parser().parse_args(["--embeddings", "a.npy", "b.npy"]).device is None
