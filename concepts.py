@@ -16,8 +16,10 @@ prompt pair, plus 27 x 27 token concept maps), and explanations of a query's top
     # 3. a query's top-k results explained: shared findings, findings of one side only, codes, span share
     python concepts.py explain --embeddings emb/demo.npy --probes probes/demo/probes.npz --query demo0003-0 demo0007-1 \
         --k 5 --exclude-same-patient --save-dir explain/demo
-    CPU: add --device cpu (only the ConceptCLIP path uses the device).
+    CPU: add --device cpu (only the ConceptCLIP path uses the device; --eval-batch-size images per forward pass).
 
+Embedding sets are read by embeddings.load: X.npy with its image ids file beside it (patient ids, labels and meta
+when present), as extract_embeddings.py writes them.
 Writes: probe -> SAVE_DIR/probes.npz (concepts, weights (K, D), bias (K,), model, embedding_dim) and
 SAVE_DIR/probes.json ({"concepts": {NAME: {"auroc", "n_pos", "n_neg", "folds", "folds_used", "folds_dropped",
 "n_scored", "split_seed", "note"}}, ...}); profile -> OUTPUT (image_id,CONCEPT,... probabilities) [and --maps NPZ];
@@ -25,15 +27,15 @@ explain -> SAVE_DIR/explain_{query}.json and .md for each --query.
 Nothing is overwritten without --overwrite.
 """
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
+import embeddings
 import metrics
 from ontology import LABEL_FORMATS, VOCAB_DIR, load_vocabulary, read_concept_labels, write_concept_csv
-from utils import atomic_write_text, ensure_writable_dir, get_device, git_revision, save_json, _atomic_replace
+from utils import (HelpFormatter, _atomic_replace, atomic_write_text, ensure_writable_dir, get_device,
+                   get_runtime_parser, git_revision, run_main, save_json)
 
 PROMPT_POS = "a chest radiograph showing {}"
 PROMPT_NEG = "a chest radiograph with no {}"
@@ -41,49 +43,32 @@ PROMPT_NEG = "a chest radiograph with no {}"
 
 # --------------------------------------------------------------------------- inputs
 
-def _sibling(path, suffix, ext=".npy"):
-    p = Path(path)
-    return p.with_name(f"{p.stem}_{suffix}{ext}")
+NO_META = "unknown (no meta file beside the embeddings)"
 
 
-def load_embedding_set(path, need_ids=True):
-    """X.npy + X_image_ids.npy (+ X_patient_ids.npy, X_labels.npy, X_meta.json when present)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--embeddings {path}: file not found")
-    emb = np.load(path, allow_pickle=False)
-    if emb.ndim != 2 or not np.isfinite(emb).all():
-        raise ValueError(f"--embeddings {path}: expected a finite (N, D) array, got shape {emb.shape}")
-    out = {"embeddings": emb.astype(np.float32), "path": str(path), "meta": {}}
-    for key in ("image_ids", "patient_ids", "labels"):
-        f = _sibling(path, key)
-        out[key] = None
-        if f.is_file():
-            a = np.load(f, allow_pickle=False)
-            if len(a) != len(emb):
-                raise ValueError(f"{f} has {len(a)} entries but {path} has {len(emb)} rows")
-            out[key] = a.astype(str) if key != "labels" else a.astype(np.int64)
-    if out["image_ids"] is not None:
-        ids, counts = np.unique(out["image_ids"], return_counts=True)
-        if (counts > 1).any():  # rows are matched to labels by id: a repeated id would take one row's labels
-            rep = ids[counts > 1]
-            raise ValueError(f"{_sibling(path, 'image_ids')}: image ids repeat ({len(rep)} of them; e.g. "
-                             f"{str(rep[0])!r} {counts[counts > 1][0]} times); re-extract with extract_embeddings.py, "
-                             f"which names a file whose stem repeats in its list by its path")
-    if need_ids and out["image_ids"] is None:
-        raise ValueError(f"{_sibling(path, 'image_ids')} not found: concept labels are matched to embeddings by "
-                         f"image id (extract_embeddings.py writes it beside the embeddings)")
-    meta = _sibling(path, "meta", ".json")
-    if meta.is_file():
-        out["meta"] = json.loads(meta.read_text())
-    return out
+def load_set(path):
+    """An embedding set with image ids (concept labels, profiles and queries are matched to rows by id), checked by
+    embeddings.load: lengths, NaN/inf rows, repeated ids, labels and class names. Patient ids, labels, meta: optional."""
+    es = embeddings.load(path, required=(), flag="--embeddings")
+    if es.image_ids is None:
+        raise ValueError(f"{embeddings.sidecar_paths(path)['image_ids']} not found: concept labels are matched to "
+                         f"embeddings by image id (extract_embeddings.py writes it beside the embeddings)")
+    return es
 
 
 def model_tag(meta):
-    """The embedding model as one string, e.g. 'hybrid_convnext_vit (checkpoints/demo/..._best_ckpt.pth)'."""
-    if not meta:
-        return "unknown (no _meta.json beside the embeddings)"
-    return f"{meta.get('model_name', '?')} ({meta.get('resume') or 'no checkpoint'})"
+    """The embedding model as one string: embeddings.model_identity (a checkpoint by its sha256, or by its path in
+    older meta files; else model name and arguments), so probes of one model are not applied to another's sets."""
+    tag = embeddings.model_identity(meta)
+    return NO_META if tag is None else tag
+
+
+def legacy_model_tag(meta):
+    """The tag probes.npz files written before issue 20 carry: 'NAME (CHECKPOINT)'. Only a checkpoint path names
+    one model (without one, two fusion heads shared a tag), so it is accepted for an older meta with "resume" only."""
+    if not meta or "meta_version" in meta or not meta.get("resume"):
+        return None
+    return f"{meta.get('model_name', '?')} ({meta['resume']})"
 
 
 def match_labels(image_ids, labels):
@@ -215,15 +200,15 @@ def load_probes(path):
             "model": str(z["model"])}
 
 
-def check_same_model(probes, emb_set, probes_path):
+def check_same_model(probes, es, probes_path):
     d = probes["weights"].shape[1]
-    if emb_set["embeddings"].shape[1] != d:
-        raise ValueError(f"--probes {probes_path} were fitted on {d}-d embeddings but {emb_set['path']} is "
-                         f"{emb_set['embeddings'].shape[1]}-d; use embeddings of the model the probes were fitted on")
-    tag = model_tag(emb_set["meta"])
-    if emb_set["meta"] and tag != probes["model"]:
+    if es.dim != d:
+        raise ValueError(f"--probes {probes_path} were fitted on {d}-d embeddings but {es.name} is {es.dim}-d; "
+                         f"use embeddings of the model the probes were fitted on")
+    tag = model_tag(es.meta)
+    if es.meta and probes["model"] not in (tag, legacy_model_tag(es.meta)):
         raise ValueError(f"--probes {probes_path} were fitted on embeddings of {probes['model']}, but "
-                         f"{emb_set['path']} comes from {tag}; fit probes on this model's embeddings")
+                         f"{es.name} comes from {tag}; fit probes on this model's embeddings")
 
 
 # --------------------------------------------------------------------------- span share
@@ -322,7 +307,7 @@ def conceptclip_profile(args, vocab, concept_ids):
     clip = wrapper.clip.to(device).eval()
     ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=get_transform(wrapper),
                           check_files=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
     pos, neg = concept_text_embeddings(clip, processor, vocab, concept_ids, device)  # once, not per batch
     probs, maps = [], []
     for images, _, _ in loader:
@@ -395,7 +380,7 @@ def summary_sentence(vocab, rank, rid, cos, pair, share, inside=None):
 # --------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(description="Concept probes, profiles and explanations", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -404,7 +389,7 @@ def get_args_parser():
     common.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     q = sub.add_parser("probe", parents=[common], formatter_class=fmt, help="fit linear concept probes")
-    q.add_argument("--embeddings", type=Path, required=True, help="X.npy with X_image_ids.npy beside it")
+    q.add_argument("--embeddings", type=Path, required=True, help="embedding set X.npy with its image ids beside it")
     q.add_argument("--concept-labels", type=Path, required=True,
                    help="image_id,CONCEPT,... CSV (1/0/blank), a CheXpert or a ChestX-ray14 label file")
     q.add_argument("--label-format", default="auto", choices=LABEL_FORMATS, help="format of --concept-labels")
@@ -414,7 +399,8 @@ def get_args_parser():
     q.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regressions")
     q.add_argument("--save-dir", type=Path, required=True, help="writes probes.npz and probes.json here")
 
-    f = sub.add_parser("profile", parents=[common], formatter_class=fmt, help="concept probabilities per image")
+    f = sub.add_parser("profile", parents=[common, get_runtime_parser(flags=("device", "eval_batch_size"))],
+                       formatter_class=fmt, help="concept probabilities per image")
     f.add_argument("--probes", type=Path, default=None, help="probes.npz of concepts.py probe")
     f.add_argument("--embeddings", type=Path, default=None, help="embeddings to profile (with --probes)")
     f.add_argument("--conceptclip-path", default=None, help="zero-shot with ConceptCLIP (HF id or folder)")
@@ -424,9 +410,9 @@ def get_args_parser():
     f.add_argument("--dataset-dir", type=Path, default=None, help="image root (ConceptCLIP path)")
     f.add_argument("--test-dataset-dir", type=Path, default=None, help="test image folder (ConceptCLIP path)")
     f.add_argument("--test-image-list", type=Path, default=None, help="images to profile (ConceptCLIP path)")
-    f.add_argument("--batch-size", type=int, default=8, help="images per ConceptCLIP forward pass")
+    f.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="older name of --eval-batch-size (images per ConceptCLIP forward pass)")
     f.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    f.add_argument("--device", default=None, help="cuda or cpu; not given: cuda when available")
     f.add_argument("--maps", type=Path, default=None, help="ConceptCLIP token concept maps (N, K, g, g) to this .npz")
     f.add_argument("--output", type=Path, required=True, help="image_id,CONCEPT,... probabilities (CSV)")
 
@@ -455,24 +441,25 @@ def run_probe(args, vocab):
         raise ValueError(f"--folds must be >= 2, got {args.folds}")
     out_npz, out_json = args.save_dir / "probes.npz", args.save_dir / "probes.json"
     _refuse_existing([out_npz, out_json], args.overwrite)
-    es = load_embedding_set(args.embeddings)
+    es = load_set(args.embeddings)
     labels = read_concept_labels(args.concept_labels, vocab, args.label_format, args.chexpert_uncertain)
-    values, notes = match_labels(es["image_ids"], labels)
-    groups = es["patient_ids"] if es["patient_ids"] is not None else es["image_ids"]
-    for n in notes + ([] if es["patient_ids"] is not None else
-                      ["no _patient_ids.npy beside the embeddings: folds are grouped by image id"]):
+    values, notes = match_labels(es.image_ids, labels)
+    groups = es.patient_ids if es.patient_ids is not None else es.image_ids
+    for n in notes + ([] if es.patient_ids is not None else
+                      [f"no patient ids beside the embeddings ({embeddings.sidecar_paths(es.path)['patient_ids']} "
+                       f"not found): folds are grouped by image id"]):
         print(f"note: {n}")
-    emb = es["embeddings"] / np.linalg.norm(es["embeddings"], axis=1, keepdims=True)
+    emb = es.embeddings / np.linalg.norm(es.embeddings, axis=1, keepdims=True)
     results, w, b, kept = fit_probes(emb, values, labels.concepts, groups, args.folds, args.C, args.seed)
     ensure_writable_dir(args.save_dir)
-    tag = model_tag(es["meta"])
+    tag = model_tag(es.meta)
     _atomic_replace(out_npz, lambda fh: np.savez(fh, concepts=np.array(kept), weights=w, bias=b, model=np.array(tag),
                                                  embedding_dim=np.array(emb.shape[1])))
     for cid, r in results.items():
         r["name"], r["codes"] = vocab.name(cid), vocab.code_text(cid)
     save_json({"concepts": results, "model": tag, "embeddings": str(args.embeddings),
                "concept_labels": str(args.concept_labels), "folds": args.folds, "C": args.C, "seed": args.seed,
-               "grouped_by": "patient" if es["patient_ids"] is not None else "image", "notes": notes,
+               "grouped_by": "patient" if es.patient_ids is not None else "image", "notes": notes,
                "git_revision": git_revision()}, out_json)
     print(f"\nprobes on {emb.shape[0]} embeddings of {tag}, {emb.shape[1]}-d")
     print(f"{'concept':<24}{'AUROC':>7}{'n_pos':>7}{'n_neg':>7}{'folds':>7}  note")
@@ -487,6 +474,8 @@ def run_probe(args, vocab):
 def run_profile(args, vocab):
     if (args.probes is None) == (args.conceptclip_path is None):
         raise ValueError("give exactly one of --probes P.npz (with --embeddings) or --conceptclip-path DIR")
+    if args.eval_batch_size < 1:
+        raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     outs = [args.output] + ([args.maps] if args.maps else [])
     _refuse_existing(outs, args.overwrite)
     if args.probes is not None:
@@ -495,10 +484,10 @@ def run_profile(args, vocab):
         if args.maps is not None:
             raise ValueError("--maps needs --conceptclip-path: linear probes on pooled embeddings have no map")
         probes = load_probes(args.probes)
-        es = load_embedding_set(args.embeddings)
+        es = load_set(args.embeddings)
         check_same_model(probes, es, args.probes)
-        ids, concepts = es["image_ids"], probes["concepts"]
-        prob = probe_profile(es["embeddings"] / np.linalg.norm(es["embeddings"], axis=1, keepdims=True),
+        ids, concepts = es.image_ids, probes["concepts"]
+        prob = probe_profile(es.embeddings / np.linalg.norm(es.embeddings, axis=1, keepdims=True),
                              probes["weights"], probes["bias"])
         source = f"probes {args.probes}"
     else:
@@ -543,25 +532,25 @@ def query_rows(queries, ids, flag_file):
 
 def explain_query(args, vocab, es, emb, qi, concepts, values, directions):
     """(explain json dict, markdown lines) of one query's top-k results."""
-    ids = es["image_ids"]
+    ids = es.image_ids
     exclude = np.zeros(len(ids), bool)
     exclude[qi] = True  # leave-one-out: the query itself, by index
     if args.exclude_same_patient:
-        exclude |= es["patient_ids"] == es["patient_ids"][qi]
+        exclude |= es.patient_ids == es.patient_ids[qi]
     # the same top-k (and tie rule: equal similarities by gallery index) as metrics.rank
     top = metrics.topk_from_similarity((emb @ emb[qi])[None, :], args.k, exclude_mask=exclude[None, :])[0]
     cos = emb[top] @ emb[qi]
     shares = insides = None
     if directions is not None and len(directions):
         shares, insides = span_share(emb[qi], emb[top], directions), span_parts(emb[qi], emb[top], directions)[1]
-    lab_names = es["meta"].get("class_names")
-    label = (lambda i: (lab_names[es["labels"][i]] if lab_names else str(es["labels"][i]))
-             if es["labels"] is not None else None)
+    lab_names = es.class_names
+    label = (lambda i: (lab_names[es.labels[i]] if lab_names else str(es.labels[i]))
+             if es.labels is not None else None)
     qf, qm = _shown(vocab, concepts, values[qi], args.threshold)
     out = {"query": {"image_id": str(ids[qi]), "label": label(qi),
                      "findings": [vocab.name(c) for c in qf], "modifiers": [vocab.name(m) for m in qm]},
            "k": args.k, "threshold": args.threshold, "tie_rule": metrics.TIE_RULE,
-           "exclude_same_patient": bool(args.exclude_same_patient), "model": model_tag(es["meta"]), "seed": args.seed,
+           "exclude_same_patient": bool(args.exclude_same_patient), "model": model_tag(es.meta), "seed": args.seed,
            "concept_source": str(args.probes or args.profile), "results": []}
     md = [f"# Query {ids[qi]}" + (f" ({label(qi)})" if label(qi) else ""), "",
           f"Findings (probability >= {args.threshold}): " + (", ".join(out["query"]["findings"]) or "none")
@@ -591,15 +580,16 @@ def explain_query(args, vocab, es, emb, qi, concepts, values, directions):
 def run_explain(args, vocab):
     if (args.probes is None) == (args.profile is None):
         raise ValueError("give exactly one of --probes P.npz or --profile CSV (the findings of every image)")
-    es = load_embedding_set(args.embeddings)
-    ids = es["image_ids"]
+    es = load_set(args.embeddings)
+    ids = es.image_ids
     rows = query_rows(args.query, ids, args.embeddings)
     outs = {qi: (args.save_dir / f"explain_{str(ids[qi]).replace('/', '_')}.json",
                  args.save_dir / f"explain_{str(ids[qi]).replace('/', '_')}.md") for qi in rows}
     _refuse_existing([p for pair in outs.values() for p in pair], args.overwrite)
-    if args.exclude_same_patient and es["patient_ids"] is None:
-        raise ValueError(f"--exclude-same-patient needs {_sibling(args.embeddings, 'patient_ids')}")
-    emb = es["embeddings"] / np.linalg.norm(es["embeddings"], axis=1, keepdims=True)
+    if args.exclude_same_patient and es.patient_ids is None:
+        raise ValueError(f"--exclude-same-patient needs {embeddings.sidecar_paths(es.path)['patient_ids']} (the "
+                         f"patient ids beside the embeddings)")
+    emb = es.embeddings / np.linalg.norm(es.embeddings, axis=1, keepdims=True)
     directions = None
     if args.probes is not None:
         probes = load_probes(args.probes)
@@ -623,13 +613,13 @@ def run_explain(args, vocab):
     return 0
 
 
+def run(args):
+    vocab = load_vocabulary(args.vocabulary)
+    return {"probe": run_probe, "profile": run_profile, "explain": run_explain}[args.command](args, vocab)
+
+
 def main(args):
-    try:
-        vocab = load_vocabulary(args.vocabulary)
-        return {"probe": run_probe, "profile": run_profile, "explain": run_explain}[args.command](args, vocab)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        print(f"concepts.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, args, "concepts.py")
 
 
 if __name__ == "__main__":

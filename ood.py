@@ -15,14 +15,14 @@ ID = queries whose label is among the training labels; OOD = queries of --ood-cl
 --ood-embeddings. Rows of --ood-classes are dropped from the training and validation side (X-MIR protocol,
 Hu et al., WACV 2022: train without COVID-19, detect it as the anomaly). Metrics and their convention: CONVENTION.
 
-From saved embeddings (extract_embeddings.py output; X_labels.npy, X_image_ids.npy, X_patient_ids.npy and
-X_meta.json beside X.npy are found by default; without --ood-classes, the classes the model was trained without
-are the OOD classes, as in checkpoint mode: the training embeddings' X_meta.json "exclude_classes" field, else
-the train.py --exclude-classes stored in the checkpoint its "resume" entry names):
+From saved embedding sets (extract_embeddings.py output, read by embeddings.load: the labels, image ids, patient
+ids and meta files beside X.npy are found by default; without --ood-classes, the classes the model was trained
+without are the OOD classes, as in checkpoint mode: the training set's meta field "exclude_classes", else the
+train.py --exclude-classes stored in the checkpoint its meta names as the model's source):
     python ood.py --train-embeddings emb/train.npy --embeddings emb/test.npy --ood-classes COVID-19 \\
         --method knn --k 50 --save-dir results/ood
-    python ood.py --train-embeddings emb/train.npy --train-labels emb/train_labels.npy --embeddings emb/test.npy \\
-        --labels emb/test_labels.npy --ood-embeddings emb/lateral.npy --val-embeddings emb/val.npy \\
+    python ood.py --train-embeddings emb/train.npy --train-labels emb/relabelled_train.npy --embeddings emb/test.npy \\
+        --labels emb/relabelled_test.npy --ood-embeddings emb/lateral.npy --val-embeddings emb/val.npy \\
         --method mahalanobis --save-dir results/ood_maha
     # ConceptCLIP zero-shot: one text-embedding row per class name, in class-index order
     python ood.py --method mcm --train-embeddings emb/cc_train.npy --embeddings emb/cc_test.npy \\
@@ -44,9 +44,7 @@ Other scripts: test.py --ood-reference TRAIN_EMB uses load_reference() and score
 import argparse
 import csv
 import io
-import json
 import math
-import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,10 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import embeddings
 import metrics
 from dataset import LABEL_MAPS, ImageListDataset, get_data_parser, patient_split, test_image_dir, train_image_dir
-from utils import (atomic_np_save, atomic_write_text, ensure_writable_dir, get_device, git_revision, print_args,
-                   save_json)
+from embeddings import EmbeddingSet
+from utils import (HelpFormatter, atomic_np_save, atomic_write_text, ensure_writable_dir, get_device,
+                   get_runtime_parser, git_revision, print_args, resolve_amp, run_main, save_figure, save_json)
 
 METHODS = ("knn", "mahalanobis", "mcm")
 KNN_BACKENDS = ("torch", "faiss", "pytorch-ood")
@@ -310,23 +310,8 @@ def calibration_split(n, labels=None, patient_ids=None, fraction=0.2, seed=0):
 
 # ----------------------------------------------------------------------------- saved embeddings
 
-@dataclass
-class EmbeddingSet:
-    embeddings: np.ndarray
-    labels: np.ndarray | None = None
-    image_ids: np.ndarray | None = None
-    patient_ids: np.ndarray | None = None
-    class_names: list | None = None
-    meta: dict | None = None
-    source: str = ""
-
-    def take(self, idx):
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return EmbeddingSet(self.embeddings[idx], pick(self.labels), pick(self.image_ids), pick(self.patient_ids),
-                            self.class_names, self.meta, self.source)
-
-
 def _npy(path, flag):
+    """A plain .npy that is not an embedding set (--text-embeddings: one row per class prompt)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{flag} {path}: file not found")
@@ -336,51 +321,14 @@ def _npy(path, flag):
         raise ValueError(f"{flag} {path}: not a readable .npy file ({type(e).__name__}: {e})") from e
 
 
-def sibling(path, suffix):
-    """extract_embeddings.py's layout: X.npy -> X_labels.npy, X_image_ids.npy, X_patient_ids.npy, X_meta.json."""
-    return Path(str(path)[:-4] + suffix) if str(path).endswith(".npy") else None
-
-
-def load_embedding_set(path, flag, labels=None, image_ids=None, patient_ids=None):
-    """Embeddings (N, D) and whatever of labels / ids / meta is given or found beside them."""
-    if not str(path).endswith(".npy"):
-        raise ValueError(f"{flag} {path}: expected an (N, D) .npy file")
-    e = _npy(path, flag)
-    if e.ndim != 2 or e.shape[0] == 0:
-        raise ValueError(f"{flag} {path}: expected a non-empty 2-D (N, D) array, got shape {e.shape}")
-    if not np.isfinite(e).all():
-        raise ValueError(f"{flag} {path}: contains NaN or inf; fix the extraction")
-    out = EmbeddingSet(np.asarray(e, np.float32), source=str(path))
-    for attr, given, suffix in (("labels", labels, "_labels.npy"), ("image_ids", image_ids, "_image_ids.npy"),
-                                ("patient_ids", patient_ids, "_patient_ids.npy")):
-        p = Path(given) if given is not None else sibling(path, suffix)
-        if given is None and (p is None or not p.is_file()):
-            continue
-        a = _npy(p, f"{flag} {attr.replace('_', ' ')}")
-        if a.ndim != 1 or len(a) != len(e):
-            raise ValueError(f"{p} has shape {a.shape} but {path} has {len(e)} rows; both must come from the "
-                             f"same extraction")
-        if attr == "labels":
-            a = metrics.as_labels(a, len(e), str(p), str(path))
-        setattr(out, attr, a if attr == "labels" else a.astype(str))
-    meta = sibling(path, "_meta.json")
-    if meta is not None and meta.is_file():
-        try:
-            out.meta = json.loads(meta.read_text())
-        except ValueError as err:
-            raise ValueError(f"{meta}: not valid JSON ({err})") from err
-        out.class_names = out.meta.get("class_names")
-    return out
-
-
 def load_reference(path, method="knn", k=50, *, seed=0, val_fraction=0.2, accept=0.95, expected_dim=None,
                    knn_backend="torch", device=None):
     """A detector fitted on an archive's saved embeddings and calibrated on a seeded held-out part of it.
 
-    For test.py / explain.py --ood-reference: the held-out part is patient-disjoint when X_patient_ids.npy
-    is there; the detector is fitted on the rest. Every check happens here, before any image is embedded.
+    For test.py / explain.py --ood-reference: the held-out part is patient-disjoint when the set has patient
+    ids; the detector is fitted on the rest. Every check happens here, before any image is embedded.
     """
-    ref = load_embedding_set(path, "--ood-reference")
+    ref = embeddings.load(path, required=(), flag="--ood-reference")
     if expected_dim is not None and ref.embeddings.shape[1] != expected_dim:
         raise ValueError(f"--ood-reference {path} holds {ref.embeddings.shape[1]}-d embeddings but the model gives "
                          f"{expected_dim}-d; extract the reference with the same model")
@@ -480,20 +428,23 @@ def parse_transforms(text):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Out-of-distribution scores of retrieval queries against the archive",
-                                parents=[get_data_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("from saved embeddings (extract_embeddings.py layout; siblings found by default)")
+                                parents=[get_data_parser(), get_runtime_parser()], formatter_class=HelpFormatter)
+    g = p.add_argument_group("from saved embedding sets (extract_embeddings.py output; the files beside X.npy are "
+                             "found by default)")
     g.add_argument("--train-embeddings", type=Path, default=None, help="(N, D) .npy of the archive / training side")
-    g.add_argument("--train-labels", type=Path, default=None, help="(N,) int .npy; None = X_labels.npy beside")
+    g.add_argument("--train-labels", type=Path, default=None,
+                   help="(N,) int .npy; not given: the labels file beside --train-embeddings")
     g.add_argument("--train-patient-ids", type=Path, default=None,
-                   help="(N,) .npy; makes the calibration split patient-disjoint; None = X_patient_ids.npy beside")
+                   help="(N,) .npy; makes the calibration split patient-disjoint; not given: the patient ids file "
+                        "beside --train-embeddings")
     g.add_argument("--embeddings", type=Path, default=None, help="(Q, D) .npy of the queries")
-    g.add_argument("--labels", type=Path, default=None, help="(Q,) int .npy of the queries; None = beside")
-    g.add_argument("--image-ids", type=Path, default=None, help="(Q,) .npy of query image ids; None = beside")
+    g.add_argument("--labels", type=Path, default=None, help="(Q,) int .npy of the queries; not given: beside")
+    g.add_argument("--image-ids", type=Path, default=None, help="(Q,) .npy of query image ids; not given: beside")
     g.add_argument("--ood-embeddings", type=Path, nargs="+", default=None,
                    help="one or more .npy whose every row is OOD (e.g. lateral views, other body parts)")
     g.add_argument("--val-embeddings", type=Path, default=None,
-                   help="ID validation embeddings for the threshold; None = a seeded split of the training side")
-    g.add_argument("--val-labels", type=Path, default=None, help="(V,) int .npy; None = beside")
+                   help="ID validation embeddings for the threshold; not given: a seeded split of the training side")
+    g.add_argument("--val-labels", type=Path, default=None, help="(V,) int .npy; not given: beside")
     g.add_argument("--text-embeddings", type=Path, default=None,
                    help="mcm: (C, D) .npy, one class-prompt text embedding per class name, in class-index order")
     g = p.add_argument_group("from a checkpoint and lists (uses the data flags above: --dataset-dir, "
@@ -501,13 +452,10 @@ def get_args_parser():
     g.add_argument("--resume", type=Path, default=None, help="checkpoint written by train.py")
     g.add_argument("--ood-image-list", type=Path, default=None, help="list whose every image is OOD")
     g.add_argument("--ood-dataset-dir", type=Path, default=None,
-                   help="image folder of --ood-image-list; None = the test image folder")
+                   help="image folder of --ood-image-list; not given: the test image folder")
     g.add_argument("--ood-transforms", default="",
                    help=f"comma-separated far-OOD copies of the ID test images, each reported separately: "
                         f"{','.join(FAR_OOD)} (or all)")
-    g.add_argument("--eval-batch-size", type=int, default=32)
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu; None = cuda when available")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA for the embedding")
     g = p.add_argument_group("scoring")
     g.add_argument("--method", default="knn", choices=METHODS, help="OOD score; larger = more unusual")
     g.add_argument("--k", type=int, default=50, help="knn: distance to the k-th nearest training embedding")
@@ -518,13 +466,12 @@ def get_args_parser():
     g.add_argument("--prompt-template", default=DEFAULT_PROMPT, help="mcm: prompt per class name ({} = the name)")
     g.add_argument("--temperature", type=float, default=1.0, help="mcm: softmax temperature (Ming et al.: 1)")
     g.add_argument("--ood-classes", nargs="+", default=None, metavar="NAME",
-                   help="label names whose queries are OOD (dropped from the training/validation side); None = "
+                   help="label names whose queries are OOD (dropped from the training/validation side); not given: "
                         "the train.py --exclude-classes of the model's checkpoint (--resume, or the one named in "
-                        "the training embeddings' _meta.json)")
+                        "the training set's meta file)")
     g.add_argument("--accept", type=float, default=0.95, help="share of ID calibration rows the threshold accepts")
     g.add_argument("--val-fraction", type=float, default=0.2,
                    help="without validation embeddings: share of the training side held out for the threshold")
-    g.add_argument("--chunk-size", type=int, default=None, help="query rows per similarity chunk")
     g.add_argument("--seed", type=int, default=0, help="calibration split and noise seed")
     g.add_argument("--save-dir", type=Path, default=Path("results/ood"))
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs in --save-dir")
@@ -630,7 +577,8 @@ def make_plan(args, class_names, train, queries, val=None, n_text=None):
     else:
         id_labels = None
     if args.method == "mahalanobis" and train.labels is None:
-        raise ValueError("--method mahalanobis needs training labels (--train-labels, or X_labels.npy beside)")
+        raise ValueError("--method mahalanobis needs training labels (--train-labels, or the labels file beside "
+                         "--train-embeddings)")
     if args.method == "mcm":
         if id_labels is None:
             raise ValueError("--method mcm needs training labels or class names to know the ID classes")
@@ -648,7 +596,7 @@ def make_plan(args, class_names, train, queries, val=None, n_text=None):
         if len(val_keep) == 0:
             raise ValueError("no in-distribution validation rows left (their labels are not among the training labels)")
         fit, cal = np.arange(len(keep)), None
-        calibration = f"{len(val_keep)} ID validation rows ({val.source})"
+        calibration = f"{len(val_keep)} ID validation rows ({val.name})"
     elif args.method == "mcm":  # nothing is fitted: the whole training side can calibrate
         fit, cal = np.arange(len(keep)), np.arange(len(keep))
         calibration = f"all {len(keep)} ID training rows (mcm fits nothing on them)"
@@ -700,7 +648,7 @@ class Inputs:
 
 
 def _class_names(args, sets, notes):
-    named = [(s.source, s.class_names) for s in sets if s is not None and s.class_names is not None]
+    named = [(s.name, s.class_names) for s in sets if s is not None and s.class_names is not None]
     for src, names in named[1:]:
         if list(names) != list(named[0][1]):
             raise ValueError(f"class names differ: {named[0][0]} has {named[0][1]} but {src} has {names}; "
@@ -713,68 +661,97 @@ def _class_names(args, sets, notes):
     names = sorted(lm, key=lm.get)
     top = max([int(s.labels.max()) for s in sets if s is not None and s.labels is not None] or [0])
     if top >= len(names):
-        raise ValueError(f"no _meta.json with class names, and the labels go up to {top} while --dataset "
-                         f"{args.dataset} has {len(names)} classes; pass --dataset generic (class ids) or keep the "
-                         f"_meta.json files beside the embeddings")
-    notes.append(f"no _meta.json beside the embeddings: class names from --dataset {args.dataset}")
+        raise ValueError(f"no meta file with class names beside the embeddings, and the labels go up to {top} "
+                         f"while --dataset {args.dataset} has {len(names)} classes; pass --dataset generic (class "
+                         f"ids) or keep the meta files extract_embeddings.py wrote beside the embeddings")
+    notes.append(f"no meta file with class names beside the embeddings: class names from --dataset {args.dataset}")
     return names
 
 
-def excluded_classes(es):
-    """(class names the model of an embedding set was trained without, where that was read), or (None, why not).
+def _meta_file(es):
+    return embeddings.sidecar_paths(es.path)["meta"] if es.path is not None else f"the meta of {es.name}"
 
-    train.py --exclude-classes is a property of the checkpoint: X_meta.json's own "exclude_classes" field when
-    it has one, else the training args stored in the checkpoint its "resume" entry names (read, not built).
+
+def source_checkpoint(meta):
+    """(checkpoint path, its sha256 or None) a set's meta names as the model's source, or (None, None).
+
+    Current meta: model_source {"checkpoint", "sha256"} (extract_embeddings.py --resume, train_fusion.py --apply);
+    older extract_embeddings.py meta: "resume" (no hash). An older fused set's "checkpoint" is a fusion head,
+    which has no train.py --exclude-classes: not read (as before).
+    """
+    meta = meta or {}
+    if "meta_version" in meta:
+        src = meta.get("model_source") or {}
+        return (src.get("checkpoint"), src.get("sha256")) if src.get("checkpoint") else (None, None)
+    return (meta.get("resume"), None) if meta.get("resume") else (None, None)
+
+
+def excluded_classes(es):
+    """(class names the model of an embedding set was trained without, a sentence saying so and where it was
+    read), or (None, why not) / (None, None) when no checkpoint is behind the set.
+
+    train.py --exclude-classes is a property of the checkpoint: the set's meta field "exclude_classes" when it
+    has one (extract_embeddings.py records it), else the training args stored in the checkpoint the meta names
+    as the model's source (read, not built; for current meta only while the file's sha256 is the recorded one).
     """
     meta = es.meta or {}
+    ckpt, sha = source_checkpoint(meta)
     if "exclude_classes" in meta:
-        return list(meta["exclude_classes"] or []), f"{sibling(es.source, '_meta.json')}"
-    ckpt = meta.get("resume")
+        names = list(meta["exclude_classes"] or [])
+        return names, (f"{f'the checkpoint {ckpt}' if ckpt else f'the model of {es.name}'} was trained with "
+                       f"--exclude-classes {' '.join(names)} (recorded in {_meta_file(es)})")
     if not ckpt:
         return None, None  # no checkpoint behind these embeddings (a frozen or untrained model): nothing excluded
+    unknown = (f"so the classes it was trained without (train.py --exclude-classes) are unknown; pass --ood-classes "
+               f"if it excluded any")
     try:
+        if sha is not None and embeddings.file_sha256(ckpt) != sha:
+            return None, (f"the checkpoint {ckpt} named in {_meta_file(es)} has changed since the embeddings were "
+                          f"written (its sha256 differs), {unknown}")
         stored = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("args") or {}
     except Exception as e:
-        return None, (f"the checkpoint {ckpt} named in {sibling(es.source, '_meta.json')} cannot be read "
-                      f"({type(e).__name__}), so the classes it was trained without (train.py --exclude-classes) "
-                      f"are unknown; pass --ood-classes if it excluded any")
-    return list(stored.get("exclude_classes") or []), f"the checkpoint {ckpt}"
+        return None, f"the checkpoint {ckpt} named in {_meta_file(es)} cannot be read ({type(e).__name__}), {unknown}"
+    names = list(stored.get("exclude_classes") or [])
+    return names, f"the checkpoint {ckpt} was trained with --exclude-classes {' '.join(names)}"
 
 
 def inputs_from_files(args):
     notes = []
-    train = load_embedding_set(args.train_embeddings, "--train-embeddings", args.train_labels, None,
-                               args.train_patient_ids)
-    queries = load_embedding_set(args.embeddings, "--embeddings", args.labels, args.image_ids)
-    val = load_embedding_set(args.val_embeddings, "--val-embeddings", args.val_labels) if args.val_embeddings else None
-    ood = [load_embedding_set(p, "--ood-embeddings") for p in args.ood_embeddings or []]
+    train = embeddings.load(args.train_embeddings, labels=args.train_labels, patient_ids=args.train_patient_ids,
+                            required=(), flag="--train-embeddings")
+    queries = embeddings.load(args.embeddings, labels=args.labels, image_ids=args.image_ids, required=(),
+                              flag="--embeddings")
+    val = (embeddings.load(args.val_embeddings, labels=args.val_labels, required=(), flag="--val-embeddings")
+           if args.val_embeddings else None)
+    ood = [embeddings.load(p, required=(), flag="--ood-embeddings") for p in args.ood_embeddings or []]
     text = None
     if args.method == "mcm":
         text = _npy(args.text_embeddings, "--text-embeddings")
         if text.ndim != 2:
             raise ValueError(f"--text-embeddings {args.text_embeddings}: expected (C, D), got shape {text.shape}")
-    d = train.embeddings.shape[1]
+    d = train.dim
     for flag, s in [("--embeddings", queries), ("--val-embeddings", val)] + [("--ood-embeddings", o) for o in ood]:
-        if s is not None and s.embeddings.shape[1] != d:
-            raise ValueError(f"{flag} {s.source} has {s.embeddings.shape[1]}-d rows but --train-embeddings "
-                             f"{train.source} has {d}-d; both must come from the same model")
+        if s is not None and s.dim != d:
+            raise ValueError(f"{flag} {s.name} has {s.dim}-d rows but --train-embeddings {train.name} has {d}-d; "
+                             f"both must come from the same model")
     if text is not None and text.shape[1] != d:
         raise ValueError(f"--text-embeddings has {text.shape[1]}-d rows but the image embeddings are {d}-d")
     for flag, s in [("--embeddings", queries), ("--train-embeddings", train)]:
-        m = s.meta or {}
-        if args.method == "mcm" and m.get("model_args", {}).get("conceptclip_head"):
-            raise ValueError(f"{flag} {s.source} comes from ConceptCLIP with --conceptclip-head: the head moves the "
+        if args.method == "mcm" and (s.meta.get("model_args") or {}).get("conceptclip_head"):
+            raise ValueError(f"{flag} {s.name} comes from ConceptCLIP with --conceptclip-head: the head moves the "
                              f"image embeddings out of the text space, so zero-shot mcm does not apply")
-    metas = [(s.source, (s.meta or {}).get("model_name"), (s.meta or {}).get("resume")) for s in [train, queries] + ood]
-    if len({(m[1], m[2]) for m in metas if m[1] is not None}) > 1:
-        notes.append(f"the embeddings come from different models/checkpoints ({metas}); their spaces do not match")
+    # the model behind each set (embeddings.model_identity: a checkpoint by its hash or path, else name + args);
+    # sets whose meta names no model (hand-made arrays) are not compared
+    models = {s.name: s.model_identity for s in [train, queries] + ood if s.meta.get("model_name") is not None}
+    if len(set(models.values())) > 1:
+        notes.append(f"the embeddings come from different models/checkpoints "
+                     f"({'; '.join(f'{n}: {m}' for n, m in models.items())}); their spaces do not match")
     names = _class_names(args, [train, queries, val], notes)
     if args.ood_classes is None:  # as checkpoint mode: the classes the model never saw are the OOD classes
         excluded, where = excluded_classes(train)
         if excluded:
             args.ood_classes = excluded
-            notes.append(f"--ood-classes not given: {where} was trained with --exclude-classes "
-                         f"{' '.join(excluded)}, so those are the OOD classes")
+            notes.append(f"--ood-classes not given: {where}, so those are the OOD classes")
         elif excluded is None and where:
             notes.append(where)
     plan = make_plan(args, names, train, queries, val, None if text is None else len(text))
@@ -782,20 +759,17 @@ def inputs_from_files(args):
     return Inputs(train, queries, val, ood, {}, names, plan, text, str(args.train_embeddings))
 
 
-def _embed(model, ds, args, device, desc):
-    from model import compute_embeddings
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    amp_dtype = torch.bfloat16 if args.amp and device.type == "cuda" else None
-    idx, emb = compute_embeddings(model, loader, device, amp_dtype=amp_dtype, progress=sys.stderr.isatty(), desc=desc)
-    rows = np.empty_like(emb)
-    rows[idx] = emb  # list order, whatever the loader order
-    return rows
+def _embed(model, ds, args, device, desc, indices=None):
+    """Rows in list order (of `indices` when given): embeddings.embed_dataset, one process."""
+    return embeddings.embed_dataset(model, ds, device, args.eval_batch_size, args.workers,
+                                    amp_dtype=resolve_amp(args.amp, device), progress=True, desc=desc,
+                                    indices=indices, distributed=False)
 
 
-def _label_set(ds, source):
-    return EmbeddingSet(None, ds.labels, np.array(ds.image_ids, dtype=str), np.array(ds.patient_ids, dtype=str),
-                        list(ds.class_names), None, source)
+def _label_set(ds, list_file):
+    """A list's labels, ids and class names before its images are embedded (embeddings filled in later)."""
+    return EmbeddingSet(None, np.asarray(ds.labels, np.int64), np.array(ds.image_ids, dtype=str),
+                        np.array(ds.patient_ids, dtype=str), list(ds.class_names), {}, Path(list_file))
 
 
 def inputs_from_checkpoint(args):
@@ -803,6 +777,7 @@ def inputs_from_checkpoint(args):
     from torchvision import transforms
     from model import get_transform, load_checkpoint
     device = get_device(args.device)
+    resolve_amp(args.amp, device)  # --amp fp16 on a CPU fails here, before any work
     tr_dir, te_dir = train_image_dir(args.dataset_dir), test_image_dir(args.dataset_dir, args.test_dataset_dir)
     train_ds = ImageListDataset(args.train_image_list, tr_dir, args.dataset)
     names = list(train_ds.class_names)
@@ -824,9 +799,9 @@ def inputs_from_checkpoint(args):
                 else class_text_embeddings(model, names, args.prompt_template))
         if text.ndim != 2 or text.shape[1] != model.embedding_dim:
             raise ValueError(f"text embeddings of shape {text.shape} do not match the {model.embedding_dim}-d model")
-    train = _label_set(train_ds, str(args.train_image_list))
-    queries = _label_set(test_ds, str(args.test_image_list))
-    val = _label_set(val_ds, str(args.val_image_list)) if val_ds is not None else None
+    train = _label_set(train_ds, args.train_image_list)
+    queries = _label_set(test_ds, args.test_image_list)
+    val = _label_set(val_ds, args.val_image_list) if val_ds is not None else None
     plan = make_plan(args, names, train, queries, val, None if text is None else len(text))
     plan.notes[:0] = notes
     far_names = parse_transforms(args.ood_transforms)
@@ -843,15 +818,14 @@ def inputs_from_checkpoint(args):
                                 class_names=names if dataset != "generic" else None)
 
     train.embeddings = np.zeros((len(train_ds), model.embedding_dim), np.float32)
-    train.embeddings[plan.train_keep] = _embed(model, eval_ds(args.train_image_list, tr_dir).subset(plan.train_keep),
-                                               args, device, "archive")
+    train.embeddings[plan.train_keep] = _embed(model, eval_ds(args.train_image_list, tr_dir), args, device, "archive",
+                                               indices=plan.train_keep)
     queries.embeddings = _embed(model, eval_ds(args.test_image_list, te_dir), args, device, "queries")
     if val is not None:
         val.embeddings = _embed(model, eval_ds(args.val_image_list, tr_dir), args, device, "validation")
     ood = []
     if ood_ds is not None:
-        o = _label_set(ood_ds, str(args.ood_image_list))
-        o.class_names = list(ood_ds.class_names)
+        o = _label_set(ood_ds, args.ood_image_list)
         o.embeddings = _embed(model, eval_ds(args.ood_image_list, args.ood_dataset_dir or te_dir, "generic"),
                               args, device, "ood list")
         ood.append(o)
@@ -859,7 +833,7 @@ def inputs_from_checkpoint(args):
     for name in far_names:  # no cache: the copy is made from the decoded image, before the model's transform
         ds = eval_ds(args.test_image_list, te_dir, transform=transforms.Compose([FarOOD(name, args.seed), tf]),
                      cache=None)
-        far[name] = _embed(model, ds.subset(id_rows), args, device, name)
+        far[name] = _embed(model, ds, args, device, name, indices=id_rows)
     return Inputs(train, queries, val, ood, far, names, plan, text, str(args.resume))
 
 
@@ -911,10 +885,7 @@ def plot(path, id_scores, ood_scores, far_scores, threshold, method):
     b.set_xlabel("ID flagged (false positive rate)"), b.set_ylabel("OOD flagged (true positive rate)")
     b.set_title("ROC, OOD positive; dots: the calibrated threshold", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(".tmp_" + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=110)  # atomic; closes the figure
 
 
 def plain_args(args):
@@ -1040,7 +1011,7 @@ def run(args):
     rows("query", inp.queries, q_scores, plan.truth)
     off = nq
     for o in inp.ood:
-        rows(f"ood:{Path(o.source).name}", o, main_scores[off:off + len(o.embeddings)],
+        rows(f"ood:{Path(o.name).name}", o, main_scores[off:off + len(o.embeddings)],
              ["OOD"] * len(o.embeddings), off)
         off += len(o.embeddings)
     id_rows = np.flatnonzero(plan.truth == "ID")
@@ -1054,11 +1025,7 @@ def run(args):
 
 
 def main(args):
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        print(f"ood.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, args, "ood.py")
 
 
 if __name__ == "__main__":

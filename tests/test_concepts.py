@@ -457,3 +457,61 @@ def test_help_lines_do_not_repeat_their_default():
         for action in parser._actions:
             text = fmt._expand_help(action) if action.help else ""
             assert text.lower().count("default") <= 1, f"{name} {action.option_strings}: {text}"
+
+
+# --------------------------------------------------------------------------- issue 20: sets through embeddings.py
+
+def test_probes_of_one_fusion_head_are_refused_on_another_heads_set(planted, tmp_path, capsys):
+    import embeddings
+    d, _, _ = planted
+    heads = {h: tmp_path / f"head_{h}.pth" for h in "ab"}
+    for h, f in heads.items():
+        f.write_bytes(f"fusion head {h}".encode())
+    old = lambda h: {"model_name": "fusion", "model_args": {}, "checkpoint": str(heads[h])}  # noqa: E731
+    new = lambda h: embeddings.make_meta(model_name="fusion", model_args={}, embedding_dim=16,  # noqa: E731
+                                         checkpoint=heads[h])
+
+    def fused_set(name, meta):
+        f = tmp_path / name
+        f.mkdir()
+        for part in ("e.npy", "e_image_ids.npy", "e_patient_ids.npy"):
+            (f / part).write_bytes((d / part).read_bytes())
+        (f / "e_meta.json").write_text(json.dumps(meta))
+        return f / "e.npy"
+
+    for kind, meta in (("old", old), ("new", new)):
+        a, b = fused_set(f"{kind}_a", meta("a")), fused_set(f"{kind}_b", meta("b"))
+        assert run(["probe", "--embeddings", a, "--concept-labels", d / "labels.csv",
+                    "--save-dir", tmp_path / f"p_{kind}"]) == 0
+        probes = tmp_path / f"p_{kind}" / "probes.npz"
+        assert run(["profile", "--probes", probes, "--embeddings", a, "--output", tmp_path / f"{kind}_a.csv"]) == 0
+        capsys.readouterr()
+        # before issue 20 both sets were tagged 'fusion (no checkpoint)' and the probes were applied to head b
+        assert run(["profile", "--probes", probes, "--embeddings", b, "--output", tmp_path / f"{kind}_b.csv"]) == 2
+        err = capsys.readouterr().err
+        assert "were fitted on embeddings of" in err and str(heads["b"] if kind == "old" else "sha256:") in err
+
+
+def test_probes_written_before_issue_20_still_apply_to_their_checkpoints_sets(planted, tmp_path):
+    d, _, _ = planted
+    f = tmp_path / "s"
+    f.mkdir()
+    for part in ("e.npy", "e_image_ids.npy", "e_patient_ids.npy"):
+        (f / part).write_bytes((d / part).read_bytes())
+    (f / "e_meta.json").write_text(json.dumps({"model_name": "hybrid", "resume": "ckpt/run_best.pth"}))
+    assert run(["probe", "--embeddings", f / "e.npy", "--concept-labels", d / "labels.csv",
+                "--save-dir", tmp_path / "p"]) == 0
+    z = dict(np.load(tmp_path / "p" / "probes.npz"))
+    assert str(z["model"]) == "hybrid checkpoint ckpt/run_best.pth"
+    np.savez(tmp_path / "old_probes.npz", **dict(z, model=np.array("hybrid (ckpt/run_best.pth)")))  # the old tag
+    assert run(["profile", "--probes", tmp_path / "old_probes.npz", "--embeddings", f / "e.npy",
+                "--output", tmp_path / "prof.csv"]) == 0
+    np.savez(tmp_path / "other.npz", **dict(z, model=np.array("hybrid (ckpt/other_best.pth)")))
+    assert run(["profile", "--probes", tmp_path / "other.npz", "--embeddings", f / "e.npy",
+                "--output", tmp_path / "prof2.csv"]) == 2
+
+
+def test_profile_batch_size_is_the_shared_eval_batch_size():
+    parse = lambda *a: C.get_args_parser().parse_args(["profile", "--output", "x.csv", *a])  # noqa: E731
+    assert parse().eval_batch_size == 32 and parse("--eval-batch-size", "4").eval_batch_size == 4
+    assert parse("--batch-size", "16").eval_batch_size == 16  # the older name still works

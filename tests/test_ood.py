@@ -428,3 +428,69 @@ def test_ood_png_one_colour_per_set_in_both_panels_and_titles(tmp_path, monkeypa
     assert set(roc) == {"OOD", "far-OOD: invert"} and set(hist) == {"ID", "OOD", "far-OOD: invert"}
     assert all(roc[name] == hist[name] for name in roc), (hist, roc)
     assert len(set(hist.values())) == 3  # and the sets differ from each other
+
+
+# ----------------------------------------------------------------------------- issue 20: sets through embeddings.py
+
+def _with_meta(folder, stem, meta, emb_dir):
+    """A copy of the planted test set whose meta file says which model made it."""
+    path = save_set(folder, stem, np.load(emb_dir / "test.npy"), np.load(emb_dir / "test_labels.npy"))
+    (folder / f"{stem}_meta.json").write_text(json.dumps({**meta, "class_names": NAMES}))
+    return path
+
+
+def test_sets_of_two_fusion_heads_are_told_apart(emb_dir, tmp_path, capsys):
+    import embeddings
+    head_a, head_b = tmp_path / "head_a.pth", tmp_path / "head_b.pth"
+    head_a.write_bytes(b"fusion head a")
+    head_b.write_bytes(b"fusion head b")
+    old = lambda ckpt: {"model_name": "fusion", "model_args": {"dims": [16]}, "checkpoint": str(ckpt)}  # noqa: E731
+    new = lambda ckpt: embeddings.make_meta(model_name="fusion", model_args={"dims": [16]},  # noqa: E731
+                                            embedding_dim=16, checkpoint=ckpt)
+    resume = {"model_name": "fusion", "model_args": {"dims": [16]}, "resume": "checkpoints/run_best_ckpt.pth"}
+    cases = [("old a, old b", old(head_a), old(head_b), True),    # both "checkpoint": passed as one model before
+             ("new a, new b", new(head_a), new(head_b), True),    # told apart by sha256
+             ("old a, resume", old(head_a), resume, True),        # a fused set vs extract_embeddings.py's set
+             ("new a, new a", new(head_a), new(head_a), False),
+             ("old a, old a", old(head_a), old(head_a), False)]
+    for i, (what, m_train, m_query, differ) in enumerate(cases):
+        d = tmp_path / f"case{i}"
+        train = save_set(d, "train", *[np.load(emb_dir / f) for f in ("train.npy", "train_labels.npy")])
+        (d / "train_meta.json").write_text(json.dumps({**m_train, "class_names": NAMES}))
+        query = _with_meta(d, "test", m_query, emb_dir)
+        capsys.readouterr()
+        assert run_ood("--train-embeddings", train, "--embeddings", query, "--ood-classes", "COVID-19", "--k", 5,
+                       "--save-dir", d / "out") == 0, what
+        out = capsys.readouterr().out
+        assert ("come from different models/checkpoints" in out) == differ, (what, out)
+        if differ and "new" in what:
+            assert "sha256:" in out
+
+
+def test_excluded_classes_from_the_meta_field_the_model_source_or_old_resume(tiny_ckpt, tmp_path):
+    import embeddings
+    from embeddings import EmbeddingSet
+
+    def es(meta):
+        return EmbeddingSet(np.zeros((1, 2), np.float32), meta=meta, path=tmp_path / "x.npy")
+
+    new = embeddings.make_meta(model_name="convnextv2", model_args={}, embedding_dim=32, checkpoint=tiny_ckpt)
+    names, where = ood.excluded_classes(es(new))
+    assert names == ["COVID-19"] and where == f"the checkpoint {tiny_ckpt} was trained with --exclude-classes COVID-19"
+    assert ood.excluded_classes(es({"model_name": "convnextv2", "resume": str(tiny_ckpt)}))[0] == ["COVID-19"]
+    # the meta's own field wins, and the note names the meta file
+    names, where = ood.excluded_classes(es(dict(new, exclude_classes=["pneumonia"])))
+    assert names == ["pneumonia"] and str(tmp_path / "x_meta.json") in where
+    # no checkpoint behind the set (frozen weights, an old fused set's head): nothing to read
+    assert ood.excluded_classes(es(embeddings.make_meta(model_name="m", model_args={}, weights="rad-dino"))) == \
+        (None, None)
+    assert ood.excluded_classes(es({"model_name": "fusion", "checkpoint": str(tiny_ckpt)})) == (None, None)
+    # a checkpoint rewritten since the set was extracted is not read: its --exclude-classes may differ
+    moved = tmp_path / "retrained.pth"
+    moved.write_bytes(tiny_ckpt.read_bytes())
+    meta = embeddings.make_meta(model_name="convnextv2", model_args={}, embedding_dim=32, checkpoint=moved)
+    moved.write_bytes(tiny_ckpt.read_bytes() + b"\0")
+    names, where = ood.excluded_classes(es(meta))
+    assert names is None and "has changed since" in where and "--ood-classes" in where
+    names, where = ood.excluded_classes(es({"resume": str(tmp_path / "gone.pth")}))
+    assert names is None and "cannot be read" in where
