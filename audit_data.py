@@ -53,9 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import ImageListDataset, get_data_parser, load_image, test_image_dir, train_image_dir
-from utils import (_atomic_replace, atomic_write_text, check_writable_dir, ensure_writable_dir,
-                   git_revision, print_args, save_json, set_seed)
+import embeddings
+from dataset import (ImageListDataset, get_data_parser, get_gallery_parser, load_image, test_image_dir,
+                     train_image_dir)
+from utils import (HelpFormatter, atomic_write_text, check_writable_dir, ensure_writable_dir, get_runtime_parser,
+                   git_revision, print_args, run_main, save_figure, save_json, set_seed)
 
 LISTS = ("train", "val", "test", "gallery")  # audit order; pairs (a, b) with a before b
 TRAIN_SIDE = ("train", "val", "gallery")      # a test image with a copy here is an easy match
@@ -448,42 +450,26 @@ def draw_pairs(rows, path, n, rule):
     fig.suptitle(f"closest_pairs: {what}\n{len(chosen)} of {total} shown; {rule}\n"
                  "pHash pairs may be look-alikes (different films that look alike): judge by eye", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    _atomic_replace(path, lambda f: f.write(buf.getvalue()))
+    save_figure(fig, path, dpi=80)
 
 
 # ----------------------------------------------------------------------------- embeddings
 
 def load_embedding_set(emb_dir, lst):
-    """EMB/<list>.npy with EMB/<list>_image_ids.npy (extract_embeddings.py's files), rows put in list order."""
-    from dataset import embedding_sidecars
+    """EMB/<list>.npy and the files beside it (embeddings.load: checked, image ids required), rows in list order."""
     path = Path(emb_dir) / f"{lst.name}.npy"
-    ids_path = embedding_sidecars(path)["image_ids"]
-    for p in (path, ids_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"--embeddings-dir {emb_dir}: {p.name} not found for the {lst.name} list; "
-                                    f"write it with extract_embeddings.py --test-image-list {lst.ds.list_file} "
-                                    f"--output {path}")
-    x = np.load(path, allow_pickle=False)
-    ids = [str(v) for v in np.load(ids_path, allow_pickle=False)]
-    if x.ndim != 2 or len(x) != len(ids):
-        raise ValueError(f"{path}: shape {x.shape} does not match {len(ids)} image ids in {ids_path.name}")
-    where = {v: k for k, v in enumerate(ids)}
-    missing = [v for v in lst.ds.image_ids if v not in where]
-    if missing or len(ids) != len(lst.ds):
-        raise ValueError(f"{path}: its {len(ids)} image ids are not the {len(lst.ds)} images of {lst.ds.list_file} "
-                         f"({len(missing)} missing, e.g. {missing[:3]}); extract it from that list")
-    return x[[where[v] for v in lst.ds.image_ids]]
+    if not path.is_file():
+        raise FileNotFoundError(f"--embeddings-dir {emb_dir}: {path.name} not found for the {lst.name} list; "
+                                f"write it with extract_embeddings.py --test-image-list {lst.ds.list_file} "
+                                f"--output {path}")
+    s = embeddings.load(path, required=("image_ids",), flag="--embeddings-dir")
+    return embeddings.take_ids(s, lst.ds.image_ids, str(lst.ds.list_file)).embeddings
 
 
 def model_embeddings(model, lists, args):
-    """Embeddings of every list with a checkpoint's model and its eval transform (model.compute_embeddings)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from model import compute_embeddings, get_transform
+    """Embeddings of every list with a checkpoint's model and its eval transform (embeddings.embed_dataset);
+    unreadable images keep a zero row (they are searched without: audit_pair)."""
+    from model import get_transform
     from utils import get_device
     device = get_device(args.device)
     model.to(device)
@@ -492,11 +478,10 @@ def model_embeddings(model, lists, args):
         ds = ImageListDataset(lst.ds.list_file, lst.ds.image_dir, args.dataset, transform=tf,
                               class_names=lst.ds.class_names, cache_dir=args.cache_dir)
         keep = np.flatnonzero(lst.readable)  # unreadable images were listed and are skipped here too
-        loader = DataLoader(torch.utils.data.Subset(ds, keep.tolist()), batch_size=args.batch_size,
-                            num_workers=args.workers)
-        idx, emb = compute_embeddings(model, loader, device, progress=True, desc=f"embedding {lst.name}")
+        emb = embeddings.embed_dataset(model, ds, device, args.eval_batch_size, args.workers, progress=True,
+                                       desc=f"embedding {lst.name}", indices=keep)
         out = np.zeros((len(ds), emb.shape[1]), np.float32)
-        out[idx] = emb
+        out[keep] = emb
         lst.embeddings = out
 
 
@@ -504,11 +489,13 @@ def model_embeddings(model, lists, args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Audit image lists for leaks: shared patients, files, copies",
-                                parents=[get_data_parser(lists=("train", "val", "test"))],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                parents=[get_data_parser(lists=("train", "val", "test")), get_gallery_parser(),
+                                         get_runtime_parser(flags=("device", "eval_batch_size"))],
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("audit")
-    g.add_argument("--gallery-image-list", type=Path, default=None,
-                   help="retrieval archive list (images in the training folder), audited like the others")
+    # the audit's older name of --eval-batch-size (one value: the last one given wins)
+    g.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS,
+                   help="same as --eval-batch-size (kept for older commands)")
     g.add_argument("--no-images", action="store_true",
                    help="read no image (patients, file names, and --embeddings-dir cosine); --dataset-dir not needed")
     g.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
@@ -518,7 +505,8 @@ def get_args_parser():
     emb = g.add_mutually_exclusive_group()
     emb.add_argument("--resume", type=Path, default=None, help="checkpoint: embed every list with its model")
     emb.add_argument("--embeddings-dir", type=Path, default=None,
-                     help="folder with train.npy, test.npy, ... (one per list) and their _image_ids.npy")
+                     help="folder with one embedding set per list: train.npy, test.npy, ... with their image ids "
+                          "(extract_embeddings.py)")
     g.add_argument("--cosine-threshold", type=float, default=DEFAULT_COSINE_THRESHOLD,
                    help="embedding pairs need cosine >= this (and --cosine-calibration) to be near-duplicates")
     g.add_argument("--cosine-k", type=int, default=10,
@@ -530,8 +518,6 @@ def get_args_parser():
     g.add_argument("--max-cosine-share", type=float, default=0.1,
                    help="when the cosine check calls more than this share of a list's images copies, warn, and do "
                         "not write --write-clean-list (exit 1); 1 writes it anyway")
-    g.add_argument("--batch-size", type=int, default=32, help="images per batch when embedding (--resume)")
-    g.add_argument("--device", default=None, help="cuda or cpu for --resume; none given: cuda when available")
     g.add_argument("--figure-pairs", type=int, default=8,
                    help="pairs drawn in closest_pairs.png: those that remove test images, methods taking turns")
     g.add_argument("--write-clean-list", type=Path, default=None,
@@ -557,13 +543,10 @@ def run_files(args, given):
     files = {f"--{n}-image-list": Path(p) for n, p in given.items()}
     if args.resume is not None:
         files["--resume"] = args.resume
-    if args.embeddings_dir is not None:
-        from dataset import embedding_sidecars
+    if args.embeddings_dir is not None:  # every file of each set (embeddings.load reads those present)
         for n in given:
-            npy = args.embeddings_dir / f"{n}.npy"
-            files[f"--embeddings-dir ({npy.name})"] = npy
-            files[f"--embeddings-dir ({embedding_sidecars(npy)['image_ids'].name})"] = \
-                embedding_sidecars(npy)["image_ids"]
+            for path in embeddings.sidecar_paths(args.embeddings_dir / f"{n}.npy").values():
+                files[f"--embeddings-dir ({path.name})"] = path
     files.update({f"--save-dir ({n})": args.save_dir / n for n in OUTPUTS})
     return files
 
@@ -586,8 +569,8 @@ def validate(args):
         raise ValueError(f"--phash-threshold must be in 0..{HASH_BITS - 1} bits, got {args.phash_threshold}")
     if not -1 <= args.cosine_threshold <= 1:
         raise ValueError(f"--cosine-threshold must be in [-1, 1], got {args.cosine_threshold}")
-    if args.cosine_k < 1 or args.figure_pairs < 0 or args.batch_size < 1:
-        raise ValueError("--cosine-k and --batch-size must be >= 1, --figure-pairs >= 0")
+    if args.cosine_k < 1 or args.figure_pairs < 0 or args.eval_batch_size < 1:
+        raise ValueError("--cosine-k and --eval-batch-size must be >= 1, --figure-pairs >= 0")
     if args.no_images and args.resume:
         raise ValueError("--no-images reads no image, so --resume cannot embed any: drop one of them "
                          "(--embeddings-dir works without images)")
@@ -614,6 +597,8 @@ def validate(args):
             image_dir = Path(".")
         elif name == "test":
             image_dir = test_image_dir(args.dataset_dir, args.test_dataset_dir)
+        elif name == "gallery" and args.gallery_dataset_dir is not None:
+            image_dir = args.gallery_dataset_dir
         else:
             image_dir = train_image_dir(args.dataset_dir)
         ds = ImageListDataset(path, image_dir, args.dataset, class_names=class_names, check_files=not args.no_images)
@@ -753,12 +738,8 @@ def figure_rule(checks, calibration, args):
 
 
 def main(args):
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        print(f"audit_data.py: error: {e}", file=sys.stderr)
-        return 2
+    return run_main(run, args, "audit_data.py")
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    raise SystemExit(main(get_args_parser().parse_args()))

@@ -36,11 +36,13 @@ import torch.nn.functional as F
 
 import metrics
 import ood
-from dataset import (ImageListDataset, get_data_parser, load_image, resolve_class_names, test_image_dir,
-                     train_image_dir)
+from dataset import (ImageListDataset, get_data_parser, get_gallery_parser, load_image, resolve_class_names,
+                     test_image_dir, train_image_dir)
+from embeddings import embed_dataset
 from model import CheckpointError
-from utils import (atomic_np_save, check_writable_dir, ensure_writable_dir, get_device, git_revision, print_args,
-                   save_json, set_seed)
+from utils import (HelpFormatter, atomic_np_save, check_writable_dir, ensure_writable_dir, get_device,
+                   get_runtime_parser, git_revision, one_line, print_args, run_main, save_figure, save_json,
+                   set_seed)
 
 # pytorch-grad-cam class per --method (imported lazily: the other methods need no grad-cam install)
 CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
@@ -49,39 +51,27 @@ CAM_METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam":
 METHODS = list(CAM_METHODS) + ["sbsm", "simcam", "random"]
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Prints each flag's default, except where its help line already says what the default means
-    ("default: cuda when available" says more than the "default: None" it would repeat)."""
-
-    def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description="Similarity saliency of retrieval results",
                                 parents=[get_data_parser(lists=("test",), test_help="query list (images in the test "
-                                                         "folder); leave-one-out unless --gallery-image-list")],
+                                                         "folder); leave-one-out unless --gallery-image-list"),
+                                         get_gallery_parser(), get_runtime_parser(flags=("device", "eval_batch_size")),
+                                         ood.get_ood_warning_parser()],
                                 formatter_class=HelpFormatter)
     g = p.add_argument_group("model and retrieval")
     g.add_argument("--resume", type=Path, required=True, help="checkpoint written by train.py")
-    g.add_argument("--gallery-image-list", type=Path, default=None, help="search the queries against these images")
-    g.add_argument("--gallery-dataset-dir", type=Path, default=None,
-                   help="gallery image folder (default: the training folder of --dataset-dir)")
     g.add_argument("--exclude-same-patient", action="store_true", help="remove gallery images of the query's patient")
     g.add_argument("--topk", type=int, default=5, help="results explained per query")
     g.add_argument("--num-queries", type=int, default=20, help="queries drawn with --seed (ignored with --query-ids)")
     g.add_argument("--query-ids", nargs="+", default=None, help="image ids of the queries (filename stems; "
                    "path parts joined by _ where stems repeat in the list)")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="images per batch when embedding")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g = p.add_argument_group("explanation")
     g.add_argument("--method", default="gradcam", choices=METHODS, help="saliency method (README: Explanations)")
     g.add_argument("--window", type=int, default=None, help="sbsm occluding window side in input pixels "
                                                             "(default: a quarter of the model's input size)")
     g.add_argument("--stride", type=int, default=None, help="sbsm window stride in input pixels (default: window / 2)")
-    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass of sbsm, CAMs, and curves")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass of sbsm, CAMs, and curves (embedding: --eval-batch-size)")
     g.add_argument("--seed", type=int, default=0, help="query draw, random baseline and bootstrap seed")
     g = p.add_argument_group("scores")
     g.add_argument("--evaluate", action="store_true", help="insertion and deletion curves on the result image")
@@ -92,11 +82,6 @@ def get_args_parser():
     m.add_argument("--mask-dir", type=Path, default=None, help="finding masks IMAGE_ID.png (non-zero = finding)")
     m.add_argument("--boxes", type=Path, default=None, help="finding boxes CSV image_id,x,y,w,h (original pixels)")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
-    g = p.add_argument_group("out-of-distribution warning (ood.py)")
-    g.add_argument("--ood-reference", type=Path, default=None,
-                   help="archive embeddings TRAIN_EMB.npy: each query gets an OOD score and flag (95%% ID accepted)")
-    g.add_argument("--ood-method", default="knn", choices=["knn", "mahalanobis"], help="OOD score (ood.py)")
-    g.add_argument("--ood-k", type=int, default=50, help="knn OOD score: distance to the k-th archive neighbour")
     g = p.add_argument_group("output")
     g.add_argument("--save-dir", type=Path, default=Path("./results/explain"), help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing explain.json and its maps")
@@ -571,15 +556,14 @@ def plot_query(path, query, results, method, ood_note=None):
                      x.get("finding") is not None for x in [query] + list(results)) else "")
                  + ("; SAME PATIENT = the query's own patient" if any(r.get("same_patient") for r in results)
                     else ""), fontsize=8)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- run
 
 def run(args):
     check_args(args)
-    from model import compute_embeddings, get_transform, load_checkpoint, read_checkpoint
+    from model import get_transform, load_checkpoint, read_checkpoint
     device = get_device(args.device)
     model, ckpt = load_checkpoint(args.resume, map_location=device)
     cfg = getattr(model, "data_config", None)
@@ -615,13 +599,9 @@ def run(args):
     print_args(args)
     set_seed(args.seed)
 
-    def embed(ds):
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False,
-                                             num_workers=args.workers, pin_memory=device.type == "cuda")
-        idx, emb = compute_embeddings(model, loader, device, progress=True, desc=f"embedding {ds.list_file.name}")
-        rows = np.empty_like(emb)
-        rows[idx] = emb
-        return rows
+    def embed(ds):  # rows in list order
+        return embed_dataset(model, ds, device, args.eval_batch_size, args.workers, progress=True,
+                             desc=f"embedding {ds.list_file.name}")
 
     qemb = embed(query_ds)
     gemb = qemb if loo else embed(gallery_ds)
@@ -783,14 +763,9 @@ def run(args):
 
 def main(args):
     try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one readable line, no traceback
-        # a checkpoint's message may quote a multi-line loader error: one line all the same
-        msg = " ".join(str(e).split()) if isinstance(e, CheckpointError) else e
-        print(f"explain.py: error: {msg}", file=sys.stderr)
-        return 2
+        return run_main(run, args, "explain.py")  # bad input: one line, exit 2
     except SaliencyError as e:  # the saliency library failed mid-run: one line, not its traceback
-        print(f"explain.py: error: {e}", file=sys.stderr)
+        print(f"explain.py: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

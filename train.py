@@ -7,7 +7,8 @@ R@1/R@5/mAP on the demo test list before and after training):
 Single GPU (the paper: hybrid ConvNeXtV2 + ViT at 384 px, batch-hard triplets, margin 0.2, Adam):
     python train.py --model hybrid_convnext_vit --dataset covid --dataset-dir /data/covidx \
         --train-image-list /data/covidx/train_split.txt --test-image-list /data/covidx/test_COVIDx4.txt \
-        -p 3 -k 16 --epochs 30
+        -p 3 -k 16 --epochs 30 --amp
+    (--amp alone = bf16 autocast on CUDA; without it training runs in fp32, the default since issue 20)
 
 N GPUs (every rank draws its own P x K batches; rank 0 alone validates and saves):
     torchrun --standalone --nproc_per_node=4 train.py ...same flags...
@@ -46,6 +47,7 @@ from torch.utils.data import DataLoader
 import dataset as ds
 import model as M
 import utils
+from embeddings import embed_dataset
 from losses import MINING, TripletLoss
 from metrics import candidate_counts, evaluate as retrieval_evaluate
 
@@ -79,7 +81,8 @@ DEMO = dict(model="hybrid_convnext_vit", convnext_backbone="convnextv2_atto", vi
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Train a retrieval embedding with P x K triplet batches", add_help=True,
-                                     parents=[M.get_model_parser(), ds.get_data_parser()],
+                                     parents=[M.get_model_parser(), ds.get_data_parser(),
+                                              utils.get_runtime_parser(flags=("device", "amp", "eval_batch_size"))],
                                      formatter_class=utils.HelpFormatter)
     g = parser.add_argument_group("training")
     g.add_argument("--val-fraction", type=float, default=0.1,
@@ -98,7 +101,6 @@ def get_args_parser():
     g.add_argument("--mining", choices=MINING, default="batch_hard", help="triplet mining within a P x K batch")
     g.add_argument("--rand-resize", action="store_true", help="RandomResizedCrop instead of CenterCrop in training")
     g.add_argument("--eval-freq", type=int, default=1, help="validate every N epochs (and after the last)")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="images per batch when embedding val/test")
     g.add_argument("--exclude-same-patient", action="store_true",
                    help="validation and test retrieval drop gallery images of the query's own patient "
                         "(as test.py --exclude-same-patient); without it they count as matches")
@@ -110,14 +112,11 @@ def get_args_parser():
     g.add_argument("--overwrite", action="store_true", help="reuse an existing run folder (its files are replaced)")
     g.add_argument("--resume", type=Path, default=None, help="a _last_ (or _epoch_E_) checkpoint to continue from")
     g.add_argument("--seed", type=int, default=0, help="seeds sampling, augmentation, init and the val split")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA when supported, off on CPU; fp16 uses a GradScaler")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster convs on GPUs)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--accum-steps", type=int, default=1, help="P x K batches per optimizer step")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (the plain module is saved)")
     g.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm; 0 disables clipping")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     g.add_argument("--demo", action="store_true",
                    help="generate data/demo if absent and train a tiny model on it; implies --overwrite of its run "
                         "folder (checkpoints/demo/...) and prints test metrics before vs after training")
@@ -135,6 +134,9 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     # the command line as typed, for the resume hint after Ctrl-C (not an argument: kept out of args.json)
     args._argv = list(sys.argv[1:] if argv is None else argv)
+    # whether --amp was typed: a resume without it keeps the run's own value (an older run's default was auto)
+    parser.set_defaults(amp=None)
+    args._amp_given = parser.parse_args(argv).amp is not None
     return args
 
 
@@ -171,14 +173,6 @@ def resolve_batch(args):
                     ("--save-freq", args.save_freq)):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
-
-
-def resolve_amp(amp, device):
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (its GradScaler exists for GPU fp16); use --amp bf16 or off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
 def read_resume(path):
@@ -224,6 +218,13 @@ def param_groups(model, lr, backbone_lr_mult, weight_decay):
 
 def plain_args(args):
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def keep_run_amp(ckpt, args):
+    """A resume without --amp on its command line continues with the run's own --amp: a run started when the
+    default was auto is not refused because the default is now off."""
+    if not getattr(args, "_amp_given", True) and "amp" in ckpt["args"]:
+        args.amp = ckpt["args"]["amp"]
 
 
 def check_resume_args(path, ckpt, args):
@@ -281,10 +282,11 @@ def peak_memory_mb(device):
 # ----------------------------------------------------------------------------- evaluation
 
 def evaluate(model, dataset, device, args, amp_dtype, desc="embedding"):
-    """Leave-one-out retrieval on one dataset (every image a query, self excluded; relevant = same label)."""
-    loader = DataLoader(dataset, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
-    _, emb = M.compute_embeddings(model, loader, device, amp_dtype=amp_dtype, channels_last=args.channels_last,
-                                  progress=utils.is_main_process(), desc=desc)
+    """Leave-one-out retrieval on one dataset (every image a query, self excluded; relevant = same label).
+
+    Rank 0 alone calls it under torchrun (the others wait at the barrier), so it embeds every image itself."""
+    emb = embed_dataset(model, dataset, device, args.eval_batch_size, args.workers, amp_dtype=amp_dtype,
+                        progress=True, desc=desc, channels_last=args.channels_last, distributed=False)
     cand, _ = candidate_counts(dataset.labels, query_groups=dataset.patient_ids,
                                exclude_same_group=args.exclude_same_patient)
     k_values = [k for k in (1, 5, 10) if k <= cand.min()] or [1]  # tiny validation splits have < 10 neighbours
@@ -330,10 +332,7 @@ def plot_curves(history, path, best_epoch=None, title=""):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(".tmp_" + path.name)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    utils.save_figure(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------- training
@@ -390,11 +389,13 @@ def epoch_seed(seed, epoch, rank):
 
 def main(args):
     try:
-        run = setup(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        return utils.run_main(set_up_and_fit, args, "train.py")  # bad input: one line, exit 2
+    finally:
         utils.cleanup_distributed()
-        return 2
+
+
+def set_up_and_fit(args):
+    run = setup(args)
     try:
         return fit(args, *run)
     except KeyboardInterrupt:
@@ -410,8 +411,6 @@ def main(args):
                 print(f"\ninterrupted before the first epoch ended: no checkpoint yet in {run_dir}. Start again with "
                       f"the same command plus --overwrite", file=sys.stderr)
         return 130
-    finally:
-        utils.cleanup_distributed()
 
 
 def drop_classes(dataset, names, labels_per_batch=None):
@@ -465,11 +464,12 @@ def setup(args):
     device = utils.get_device(args.device)
     if distributed and device.type == "cuda":
         device = torch.device("cuda", utils.get_local_rank())
-    amp_dtype = resolve_amp(args.amp, device)
     utils.check_writable_dir(args.save_dir)
     ckpt = read_resume(args.resume) if args.resume else None
     if ckpt is not None:
+        keep_run_amp(ckpt, args)
         check_resume_args(args.resume, ckpt, args)
+    amp_dtype = utils.resolve_amp(args.amp, device)
     utils.set_seed(args.seed)
 
     name, model_args = M.model_args_from_cli(args)

@@ -283,6 +283,26 @@ def test_clean_list_never_replaces_an_input(tmp_path, capsys):
         assert {p: p.read_bytes() for p in before} == before and not (tmp_path / "audit").exists()
 
 
+def test_clean_list_never_replaces_an_embedding_set_file(tmp_path, capsys):
+    import embeddings
+    train, test, emb = tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "emb"
+    train.write_text("p1 a.png normal\n")
+    test.write_text("q1 a.png normal\n")
+    emb.mkdir()
+    for out in embeddings.sidecar_paths(emb / "test.npy").values():  # every file of the set, present or not
+        assert run_audit("--no-images", "--train-image-list", train, "--test-image-list", test, "--embeddings-dir",
+                         emb, "--write-clean-list", out, "--save-dir", tmp_path / "audit") == 2
+        err = capsys.readouterr().err
+        assert f"is the same file as --embeddings-dir ({out.name})" in err and err.count("\n") == 1, out
+
+
+def test_batch_size_is_the_old_name_of_eval_batch_size():
+    p = A.get_args_parser()
+    for argv, n in (([], 32), (["--batch-size", "7"], 7), (["--eval-batch-size", "9"], 9),
+                    (["--eval-batch-size", "9", "--batch-size", "5"], 5)):
+        assert p.parse_args(argv + ["--save-dir", "x"]).eval_batch_size == n, argv
+
+
 # ----------------------------------------------------------------------------- cosine pairs from embeddings by hand
 
 def _embedding_audit(tmp_path, x_train, x_test, *flags):

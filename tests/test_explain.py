@@ -589,4 +589,5 @@ def test_help_states_each_default_once():
     import re
     text = " ".join(E.get_args_parser().format_help().split())
     assert not re.search(r"\(default[^)]*\) \(default", text)
-    assert "(default: cuda when available)" in text and "(default: 5)" in text
+    # --device: utils.get_runtime_parser's shared wording
+    assert "not given: cuda when available" in text and "(default: 5)" in text

@@ -223,6 +223,22 @@ def test_resume_refuses_changed_optimisation_flags(two_epochs, demo_data, tmp_pa
     assert snapshot(save) == before  # args.json and the checkpoints still say what was used
 
 
+def test_resume_without_amp_keeps_the_runs_own_amp(two_epochs, demo_data, tmp_path, capsys):
+    # a run started when train.py's --amp defaulted to auto (now off): resumed without --amp, it keeps auto
+    save, run_dir = _copy_run(two_epochs, tmp_path)
+    last = run_dir / f"{STEM}_last_ckpt.pth"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["args"]["amp"] == "off"  # today's default
+    torch.save(dict(ckpt, args=dict(ckpt["args"], amp="auto")), last)
+    before = snapshot(save)
+    assert run(demo_data, save, "--epochs", "3", "--resume", str(last), "--amp", "off") == 2  # typed: checked
+    assert "--amp 'auto' (checkpoint) vs 'off' (now)" in capsys.readouterr().err
+    assert snapshot(save) == before
+    assert run(demo_data, save, "--epochs", "3", "--resume", str(last)) == 0
+    assert json.loads((run_dir / "args.json").read_text())["amp"] == "auto"
+    assert torch.load(last, weights_only=True)["args"]["amp"] == "auto" and "_amp_given" not in ckpt["args"]
+
+
 def test_resume_from_epoch_file_tests_its_own_best_not_a_later_one(two_epochs, demo_data, tmp_path, capsys):
     save, run_dir = _copy_run(two_epochs, tmp_path)
     first = torch.load(run_dir / f"{STEM}_epoch_1_ckpt.pth", weights_only=True)
@@ -348,7 +364,9 @@ def test_help_says_each_default_once():
     text = " ".join(train.get_args_parser().format_help().split())  # argparse wraps lines
     for empty in ("(default: None)", "(default: True)", "(default: False)"):
         assert empty not in text, empty  # --no-mxa "(default: True)" read as if the switch were on
-    assert "(default: cuda when available)" in text and text.count("(default: cuda") == 1
+    # --device, --amp, --eval-batch-size: utils.get_runtime_parser's shared wording and defaults
+    assert "not given: cuda when available" in text and "(default: cuda" not in text
+    assert "--amp alone = auto = bf16 on CUDA, off on CPU (default: off)" in text
     assert "--epochs EPOCHS training epochs (cosine lr schedule over them) (default: 30)" in text
 
 
