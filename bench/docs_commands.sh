@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs the demo commands of README.md and docs/*.md as written, in order, from the repository root of a clean
+# clone, and keeps what each printed: the numbers the pages quote come from this log.
+#   bash bench/docs_commands.sh            # log in results/docs_commands.log (about 5 minutes on 2 CPU cores)
+# Stops at the first command that fails. Needs no network (HF_HUB_OFFLINE=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PYTHON=${PYTHON:-python}
+mkdir -p results
+LOG=results/docs_commands.log
+: > "$LOG"
+
+run() {  # run one command as the docs write it; its output goes to the terminal and the log
+    echo "\$ $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee -a "$LOG"
+    echo "# exit 0, $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+CK=checkpoints/demo/covid_hybrid_convnext_vit_embed_128_seed_0/covid_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
+XCK=checkpoints/xmir/covid_hybrid_convnext_vit_embed_128_seed_0/covid_hybrid_convnext_vit_embed_128_seed_0_best_ckpt.pth
+
+# README quick start
+run $PYTHON train.py --demo
+# docs/evaluate.md, docs/concepts.md (hierarchy-aware metrics)
+run $PYTHON test.py --resume $CK --dataset-dir data/demo --test-image-list data/demo/test_split.txt \
+    --exclude-same-patient --save-dir results/demo
+# docs/compare.md, docs/fusion.md
+run bash run_backbone_comparison.sh
+E=results/backbone_comparison/embeddings
+run $PYTHON test.py --embeddings $E/model1.npy --exclude-same-patient --save-dir results/model1
+run $PYTHON test.py --embeddings $E/model2.npy --exclude-same-patient --save-dir results/model2
+run $PYTHON test.py --embeddings $E/fused.npy --exclude-same-patient --save-dir results/fused \
+    --compare-with results/model1 results/model2
+# docs/ood.md
+run $PYTHON train.py --demo --exclude-classes COVID-19 -p 2 --save-dir checkpoints/xmir
+run $PYTHON ood.py --resume $XCK --dataset-dir data/demo --train-image-list data/demo/train_split.txt \
+    --test-image-list data/demo/test_split.txt --ood-transforms invert,rot90,hflip,blur,noise --k 5 \
+    --save-dir results/ood_demo
+# docs/concepts.md
+run $PYTHON extract_embeddings.py --resume $CK --dataset-dir data/demo --test-dataset-dir data/demo/train \
+    --test-image-list data/demo/train_split.txt --output results/emb/train.npy
+run $PYTHON extract_embeddings.py --resume $CK --dataset-dir data/demo --test-image-list data/demo/test_split.txt \
+    --output results/emb/test.npy
+run $PYTHON concepts.py probe --embeddings results/emb/train.npy --concept-labels data/demo/concept_labels.csv \
+    --save-dir results/probes
+run $PYTHON concepts.py profile --probes results/probes/probes.npz --embeddings results/emb/test.npy \
+    --output results/profile_test.csv
+run $PYTHON concepts.py explain --embeddings results/emb/test.npy --probes results/probes/probes.npz \
+    --query demo0020-0 demo0031-0 --k 8 --exclude-same-patient --save-dir results/concepts_explain
+# docs/explain.md
+run $PYTHON explain.py --resume $CK --dataset-dir data/demo --test-image-list data/demo/test_split.txt \
+    --exclude-same-patient --method gradcam --topk 4 --query-ids demo0031-0 --mask-dir data/demo/masks \
+    --evaluate --device cpu --save-dir results/explain_demo
+# docs/audit.md
+run $PYTHON audit_data.py --dataset-dir data/demo --train-image-list data/demo/train_split.txt \
+    --test-image-list data/demo/test_split.txt --save-dir results/audit_demo
+if [[ -f ../shared/data/covidx/train_split.txt ]]; then
+    run $PYTHON audit_data.py --no-images --train-image-list ../shared/data/covidx/train_split.txt \
+        --test-image-list ../shared/data/covidx/test_COVIDx4.txt --save-dir results/audit_covidx
+fi
+# docs/models.md
+run $PYTHON test_hybrid_model.py
+echo "all commands ran; log: $LOG"
