@@ -63,7 +63,7 @@ LISTS = ("train", "val", "test", "gallery")  # audit order; pairs (a, b) with a 
 TRAIN_SIDE = ("train", "val", "gallery")      # a test image with a copy here is an easy match
 OUTPUTS = ("audit.json", "near_duplicates.csv", "closest_pairs.png")
 HASH_BITS = 64
-# Measured (bench/bench_audit.py --calibrate, README "Data audit"): at 8 bits every resized, JPEG, brightened,
+# Measured (bench/bench_audit.py --calibrate, docs/audit.md): at 8 bits every resized, JPEG, brightened,
 # 1%-cropped and 2-degree-rotated copy is found, half of the 3% crops; 0.04% of distinct hand-made radiograph-like
 # pairs (1.6% of the templated demo generator's) are paired. 12-14 bits finds every 3% crop at 5-20x those rates.
 DEFAULT_PHASH_THRESHOLD = 8
@@ -436,7 +436,8 @@ def draw_pairs(rows, path, n, rule):
     chosen, total, removal = figure_pairs(rows, n)
     what = ("pairs that remove test images (a copy in train/val/gallery)" if removal
             else "cross-list pairs (no test image has a copy on the training side)")
-    fig, axes = plt.subplots(max(len(chosen), 1), 2, figsize=(7, 3 * max(len(chosen), 1) + 0.8), squeeze=False)
+    height = 3 * max(len(chosen), 1) + 0.8
+    fig, axes = plt.subplots(max(len(chosen), 1), 2, figsize=(7, height), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     if not chosen:
@@ -449,7 +450,7 @@ def draw_pairs(rows, path, n, rule):
                     ha="center", fontsize=8)
     fig.suptitle(f"closest_pairs: {what}\n{len(chosen)} of {total} shown; {rule}\n"
                  "pHash pairs may be look-alikes (different films that look alike): judge by eye", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))  # keep the three title lines above the first row
     save_figure(fig, path, dpi=80)
 
 
@@ -499,7 +500,7 @@ def get_args_parser():
     g.add_argument("--no-images", action="store_true",
                    help="read no image (patients, file names, and --embeddings-dir cosine); --dataset-dir not needed")
     g.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
-                   help="pHash pairs at most this many bits apart (of 64) are near-duplicates (measured: README)")
+                   help="pHash pairs at most this many bits apart (of 64) are near-duplicates (measured: docs/audit.md)")
     g.add_argument("--hash-search", default="mih", choices=sorted(HASH_SEARCH),
                    help="pHash candidate search: mih (multi-index hashing), brute (all pairs), faiss (exact index)")
     emb = g.add_mutually_exclusive_group()
@@ -733,7 +734,8 @@ def figure_rule(checks, calibration, args):
     cuts = [c["max_copy_distance"] for k, c in calibration.items() if c is not None and not k.startswith("within-")]
     if cuts:
         parts.append(f"cosine >= {args.cosine_threshold:g} and 1-cos <= {min(cuts):.2g}"
-                     + ("-" + f"{max(cuts):.2g}" if max(cuts) > min(cuts) else "") + " (calibrated)")
+                     + ("-" + f"{max(cuts):.2g}" if max(cuts) > min(cuts) else "")
+                     + (" (calibrated)" if args.cosine_calibration > 0 else " (threshold only)"))
     return ", ".join(parts)
 
 

@@ -20,7 +20,7 @@ baseline). Writes SAVE_DIR/explain.json, SAVE_DIR/maps/*.npy (float32, the origi
 the model never looked; bilinear, except simcam's: spread by area, so each saved simcam map sums to its pair's
 cosine) and SAVE_DIR/figures/QUERY_ID.png. Results of the query's own patient (possible without
 --exclude-same-patient) are marked: "same_patient" in explain.json, SAME PATIENT in the figure, a console note.
-Scores (--evaluate, --mask-dir/--boxes): README.
+Scores (--evaluate, --mask-dir/--boxes): docs/explain.md.
 """
 import argparse
 import contextlib
@@ -66,7 +66,7 @@ def get_args_parser():
     g.add_argument("--query-ids", nargs="+", default=None, help="image ids of the queries (filename stems; "
                    "path parts joined by _ where stems repeat in the list)")
     g = p.add_argument_group("explanation")
-    g.add_argument("--method", default="gradcam", choices=METHODS, help="saliency method (README: Explanations)")
+    g.add_argument("--method", default="gradcam", choices=METHODS, help="saliency method (docs/explain.md)")
     g.add_argument("--window", type=int, default=None, help="sbsm occluding window side in input pixels "
                                                             "(default: a quarter of the model's input size)")
     g.add_argument("--stride", type=int, default=None, help="sbsm window stride in input pixels (default: window / 2)")

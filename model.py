@@ -832,7 +832,7 @@ def get_model_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="hybrid_convnext_vit", choices=sorted(set(MODELS) - {"fusion"}),
-                   help="embedding model (see README: Models)")
+                   help="embedding model (docs/models.md)")
     g.add_argument("--embedding-dim", type=int, default=None,
                    help="output width (default: native width; hybrid_convnext_vit: 1024)")
     g.add_argument("--backbone", default=None, help="timm model name for --model timm")
