@@ -64,8 +64,11 @@ def worker(cfg, queue):
     if cfg["end_to_end"]:
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
-            np.save(d / "m1.npy", e1), np.save(d / "m1_labels.npy", labels.astype(np.int64))
-            np.save(d / "m2.npy", e2), np.save(d / "m2_labels.npy", labels.astype(np.int64))
+            import embeddings as E
+            ids, names = np.array([f"i{i}" for i in range(len(labels))]), [str(c) for c in range(int(labels.max()) + 1)]
+            for name, e in (("m1", e1), ("m2", e2)):  # hand-made sets, written as every tool writes one
+                E.save(d / f"{name}.npy", E.EmbeddingSet(e.astype(np.float32), labels.astype(np.int64), ids,
+                                                         None, names, E.make_meta(model_name=name)))
             args = tb.get_args_parser().parse_args(
                 ["--model1-embeddings", str(d / "m1.npy"), "--model2-embeddings", str(d / "m2.npy"),
                  "--save-dir", str(d / "out"), "--chunk-size", str(cfg["chunk"])])

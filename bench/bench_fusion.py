@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import embeddings as E  # noqa: E402
 import train_fusion  # noqa: E402
 
 
@@ -30,12 +31,12 @@ def main():
             d = Path(d)
             y = rng.integers(0, 3, n)
             files = []
-            for name, dim in (("a", 256), ("b", 512)):
-                np.save(d / f"{name}.npy", rng.standard_normal((n, dim)).astype(np.float32) + y[:, None])
-                np.save(d / f"{name}_labels.npy", y)
-                np.save(d / f"{name}_image_ids.npy", np.array([f"i{i}" for i in range(n)]))
+            ids, patients = np.array([f"i{i}" for i in range(n)]), np.array([f"p{i // 2}" for i in range(n)])
+            for name, dim in (("a", 256), ("b", 512)):  # hand-made sets, written as every tool writes one
+                e = rng.standard_normal((n, dim)).astype(np.float32) + y[:, None]
+                E.save(d / f"{name}.npy", E.EmbeddingSet(e, y.astype(np.int64), ids, patients, ["0", "1", "2"],
+                                                         E.make_meta(model_name=name)))
                 files.append(str(d / f"{name}.npy"))
-            np.save(d / "a_patient_ids.npy", np.array([f"p{i // 2}" for i in range(n)]))
             args = train_fusion.get_args_parser().parse_args(
                 ["--embeddings", *files, "--head", a.head, "--epochs", str(a.epochs), "--save-dir", str(d / "ck")])
             t = time.time()
