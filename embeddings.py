@@ -88,14 +88,15 @@ def _where(path, flag):
     return f"{flag} {path}" if flag else str(path)
 
 
-def _read_npy(path, flag=None):
+def read_array(path, flag=None, fix="write it again with extract_embeddings.py"):
+    """One .npy file, plain (no pickle), or one readable error naming the flag and the file: the only place
+    the toolkit loads an .npy it was handed (sets through load(); other arrays, e.g. text embeddings, here)."""
     if not Path(path).is_file():
         raise ValueError(f"{_where(path, flag)}: file not found")
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # truncated file, pickled objects, not an .npy at all
-        raise ValueError(f"{_where(path, flag)}: not a plain .npy array ({type(e).__name__}: {e}); "
-                         f"write it again with extract_embeddings.py") from e
+        raise ValueError(f"{_where(path, flag)}: not a plain .npy array ({type(e).__name__}: {e}); {fix}") from e
 
 
 def _read_meta(path):
@@ -119,7 +120,7 @@ def load(path, *, labels=None, image_ids=None, patient_ids=None, required=("labe
         raise ValueError(f"{_where(path, flag)}: expected an (N, D) .npy file (X.npy, with X_labels.npy ... beside it)")
     side = sidecar_paths(path)
     path = side["embeddings"]
-    emb = _read_npy(path, flag)
+    emb = read_array(path, flag)
     given = {"labels": labels, "image_ids": image_ids, "patient_ids": patient_ids}
     arrays, files = {}, {}
     for key, other in given.items():
@@ -130,7 +131,7 @@ def load(path, *, labels=None, image_ids=None, patient_ids=None, required=("labe
                 raise ValueError(f"{f} not found: {path} needs its {key.replace('_', ' ')} beside it; write the set "
                                  f"with extract_embeddings.py (or pass the file with its flag)")
             continue
-        arrays[key] = _read_npy(f)
+        arrays[key] = read_array(f)
     meta = _read_meta(side["meta"]) if side["meta"].is_file() else {}
     s = EmbeddingSet(emb, arrays.get("labels"), arrays.get("image_ids"), arrays.get("patient_ids"),
                      meta.get("class_names"), meta, path)

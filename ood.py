@@ -310,15 +310,9 @@ def calibration_split(n, labels=None, patient_ids=None, fraction=0.2, seed=0):
 
 # ----------------------------------------------------------------------------- saved embeddings
 
-def _npy(path, flag):
-    """A plain .npy that is not an embedding set (--text-embeddings: one row per class prompt)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: file not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{flag} {path}: not a readable .npy file ({type(e).__name__}: {e})") from e
+def read_text_embeddings(path):
+    """--text-embeddings T.npy: one class-prompt embedding per class name, a plain (C, D) array."""
+    return embeddings.read_array(path, "--text-embeddings", fix="save it with numpy.save, one row per class name")
 
 
 def load_reference(path, method="knn", k=50, *, seed=0, val_fraction=0.2, accept=0.95, expected_dim=None,
@@ -726,7 +720,7 @@ def inputs_from_files(args):
     ood = [embeddings.load(p, required=(), flag="--ood-embeddings") for p in args.ood_embeddings or []]
     text = None
     if args.method == "mcm":
-        text = _npy(args.text_embeddings, "--text-embeddings")
+        text = read_text_embeddings(args.text_embeddings)
         if text.ndim != 2:
             raise ValueError(f"--text-embeddings {args.text_embeddings}: expected (C, D), got shape {text.shape}")
     d = train.dim
@@ -795,7 +789,7 @@ def inputs_from_checkpoint(args):
                      f"{' '.join(excluded)}, so those are the OOD classes")
     text = None
     if args.method == "mcm":
-        text = (_npy(args.text_embeddings, "--text-embeddings") if args.text_embeddings is not None
+        text = (read_text_embeddings(args.text_embeddings) if args.text_embeddings is not None
                 else class_text_embeddings(model, names, args.prompt_template))
         if text.ndim != 2 or text.shape[1] != model.embedding_dim:
             raise ValueError(f"text embeddings of shape {text.shape} do not match the {model.embedding_dim}-d model")
