@@ -233,7 +233,8 @@ def print_paired(pairs, key, num_queries, grouped):
           f"permutation p over {'patients' if grouped else 'queries'}; * = CI excludes 0)")
     for x in pairs:
         lo, hi = x["ci"]
-        print(f"{x['a'] + ' - ' + x['b']:<{w}}{x['diff']:+9.4f}  [{lo:+.4f}, {hi:+.4f}]  p={x['p']:.4f}"
+        p = "n/a" if x["p"] is None or np.isnan(x["p"]) else f"{x['p']:.4f}"  # --permutations 0: no p
+        print(f"{x['a'] + ' - ' + x['b']:<{w}}{x['diff']:+9.4f}  [{lo:+.4f}, {hi:+.4f}]  p={p}"
               + ("  *" if x["significant"] else ""))
 
 
@@ -592,7 +593,8 @@ def run(args):
     r = compare_embeddings(e1, e2, labels, k, alphas, patient_ids if args.exclude_same_patient else None,
                            args.chunk_size)
     map1, map2 = float(r["ap1"].mean()), float(r["ap2"].mean())
-    full1, full2 = float(np.nanmean(r["fullap1"])), float(np.nanmean(r["fullap2"]))
+    # full-ranking mAP over the queries that have a relevant image; None (printed "n/a") when none has one
+    full1, full2 = (float(np.nanmean(a)) if (~np.isnan(a)).any() else None for a in (r["fullap1"], r["fullap2"]))
     no_rel = int(np.isnan(r["fullap1"]).sum())
     rho = r["rho"]
     if np.isnan(rho).any():
@@ -615,13 +617,14 @@ def run(args):
     if args.learned_embeddings:
         learned = single_model_scores(e_learned, labels, k, patient_ids if args.exclude_same_patient else None,
                                       args.chunk_size)
-        rows.append((args.learned_name, float(learned[0].mean()), learned[1].mean(), None))
+        rows.append((args.learned_name, float(learned[0].mean()), learned[1].mean(), "-"))  # top-k only
     w = max(len(x[0]) for x in rows + [(f"Z-score fusion alpha={alphas[0]:g}",)] + [(f"RRF (k={RRF_K})",)]) + 2
     print(f"\nall {n} queries (fusion alphas here are not chosen on separate queries: optimistic)")
     print(f"{'Model':<{w}}| {key:>8} | {'R@1':>8} | {'mAP':>8}")
     print("-" * (w + 33))
     for name, m, r1, full in rows:
-        print(f"{name:<{w}}| {m:>8.4f} | {r1:>8.4f} | " + ("       -" if full is None else f"{full:>8.4f}"))
+        full_text = full if isinstance(full, str) else "n/a" if full is None else f"{full:.4f}"
+        print(f"{name:<{w}}| {m:>8.4f} | {r1:>8.4f} | {full_text:>8}")
     for a, m in zip(alphas, fusion_maps):
         print(f"{f'Fusion alpha={a:g}':<{w}}| {m:>8.4f} | {'-':>8} | {'-':>8}")
     for a, m in zip(alphas, zscore_maps):

@@ -1,5 +1,7 @@
 """test_backbone.py: every quantity on hand-computed small cases, the input checks, and main end to end."""
 import json
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -472,3 +474,23 @@ def test_learned_set_matched_by_image_id(tmp_path):
     g = write_set(tmp_path, "other", e2, labels, [f"x{i}" for i in range(30)])
     with pytest.raises(ValueError, match="not of the same images"):
         tb.load_learned(args_for(tmp_path, a, b, "--learned-embeddings", g), s1)
+
+
+def test_full_map_is_na_not_nan_when_no_query_has_a_relevant_image(tmp_path, capsys):
+    # every image its own class: no query has a relevant image, so full-ranking mAP is undefined (not nan)
+    rng = np.random.default_rng(0)
+    e1, e2 = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 3)).astype(np.float32)
+    labels = np.arange(3)  # the three covid classes, one image each
+    p1, p2 = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(p1, e1), np.save(p2, e2), np.save(tmp_path / "labels.npy", labels)
+    args = tb.get_args_parser().parse_args(["--model1-embeddings", str(p1), "--model2-embeddings", str(p2),
+                                            "--labels", str(tmp_path / "labels.npy"), "--k", "1",
+                                            "--bootstrap", "0", "--permutations", "0",
+                                            "--visualize-samples", "0", "--save-dir", str(tmp_path / "out")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "Mean of empty slice"
+        assert tb.main(args) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"\bnan\b", out) and "n/a" in out
+    res = json.loads((tmp_path / "out" / "backbone_comparison_results.json").read_text())
+    assert res["model1"]["mAP"] is None and res["model2"]["mAP"] is None
