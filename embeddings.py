@@ -314,6 +314,20 @@ def make_meta(model=None, *, model_name=None, model_args=None, embedding_dim=Non
     return {**meta, **extra}
 
 
+def source_checkpoint(meta):
+    """(checkpoint path, its sha256 or None) that a set's meta names as the model's source, else (None, None).
+
+    Current meta: model_source {"checkpoint", "sha256"} (extract_embeddings.py --resume, train_fusion.py --apply).
+    Older meta, no hash: "resume" (extract_embeddings.py, a train.py checkpoint) or "checkpoint" (train_fusion.py
+    --apply, a fusion head)."""
+    meta = meta or {}
+    if "meta_version" in meta:
+        src = meta.get("model_source") or {}
+        return (src["checkpoint"], src.get("sha256")) if src.get("checkpoint") else (None, None)
+    ckpt = meta.get("resume") or meta.get("checkpoint")
+    return (ckpt, None) if ckpt else (None, None)
+
+
 def model_identity(meta):
     """One string per model that produced a set, equal for sets of the same model, else different.
 

@@ -666,20 +666,6 @@ def _meta_file(es):
     return embeddings.sidecar_paths(es.path)["meta"] if es.path is not None else f"the meta of {es.name}"
 
 
-def source_checkpoint(meta):
-    """(checkpoint path, its sha256 or None) a set's meta names as the model's source, or (None, None).
-
-    Current meta: model_source {"checkpoint", "sha256"} (extract_embeddings.py --resume, train_fusion.py --apply);
-    older extract_embeddings.py meta: "resume" (no hash). An older fused set's "checkpoint" is a fusion head,
-    which has no train.py --exclude-classes: not read (as before).
-    """
-    meta = meta or {}
-    if "meta_version" in meta:
-        src = meta.get("model_source") or {}
-        return (src.get("checkpoint"), src.get("sha256")) if src.get("checkpoint") else (None, None)
-    return (meta.get("resume"), None) if meta.get("resume") else (None, None)
-
-
 def excluded_classes(es):
     """(class names the model of an embedding set was trained without, a sentence saying so and where it was
     read), or (None, why not) / (None, None) when no checkpoint is behind the set.
@@ -689,7 +675,9 @@ def excluded_classes(es):
     as the model's source (read, not built; for current meta only while the file's sha256 is the recorded one).
     """
     meta = es.meta or {}
-    ckpt, sha = source_checkpoint(meta)
+    ckpt, sha = embeddings.source_checkpoint(meta)
+    if "meta_version" not in meta and not meta.get("resume"):
+        ckpt = None  # an older fused set's "checkpoint" is a fusion head: no train.py --exclude-classes to read
     if "exclude_classes" in meta:
         names = list(meta["exclude_classes"] or [])
         return names, (f"{f'the checkpoint {ckpt}' if ckpt else f'the model of {es.name}'} was trained with "

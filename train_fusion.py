@@ -119,7 +119,7 @@ def input_identity(s):
     """
     meta = s.meta
     named = isinstance(meta.get("model_name"), str)
-    ckpt = (meta.get("model_source") or {}).get("checkpoint") or meta.get("resume") or meta.get("checkpoint")
+    ckpt, _ = embeddings.source_checkpoint(meta)
     return {"file": s.path.name, "model_name": meta.get("model_name") if named else None,
             "identity": s.model_identity if named else None, "checkpoint": None if ckpt is None else str(ckpt)}
 

@@ -394,3 +394,15 @@ if __name__ == "__main__":
     for r in (0, 1):
         Path(sys.argv[2], f"list{r}").mkdir(exist_ok=True)
     _worker(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.parametrize("meta, expected", [
+    ({"meta_version": 1, "model_source": {"checkpoint": "ck/a.pth", "sha256": "ab"}}, ("ck/a.pth", "ab")),
+    ({"meta_version": 1, "model_source": {"weights": "random init"}}, (None, None)),
+    ({"model_name": "hybrid", "resume": "ck/b.pth"}, ("ck/b.pth", None)),        # extract_embeddings.py, older
+    ({"model_name": "fusion", "checkpoint": "ck/f.pth"}, ("ck/f.pth", None)),    # train_fusion.py --apply, older
+    ({"model_name": "x"}, (None, None)),
+    (None, (None, None)),
+])
+def test_source_checkpoint_of_every_meta_format(meta, expected):
+    assert E.source_checkpoint(meta) == expected
