@@ -160,7 +160,7 @@ def run(args):
         dt = time.time() - t0
         print(f"{n} images in {dt:.1f} s ({n / max(dt, 1e-9):.1f} images/s); wrote the embedding set {s.path} "
               f"{s.embeddings.shape} (labels, image and patient ids, meta beside it)")
-    cleanup_distributed()
+    cleanup_distributed(sync=True)
     return 0
 
 

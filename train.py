@@ -388,10 +388,12 @@ def epoch_seed(seed, epoch, rank):
 
 
 def main(args):
+    code = None
     try:
-        return utils.run_main(set_up_and_fit, args, "train.py")  # bad input: one line, exit 2
+        code = utils.run_main(set_up_and_fit, args, "train.py")  # bad input: one line, exit 2
+        return code
     finally:
-        utils.cleanup_distributed()
+        utils.cleanup_distributed(sync=code == 0)
 
 
 def set_up_and_fit(args):

@@ -120,8 +120,13 @@ def all_gather_object(obj):
     return out
 
 
-def cleanup_distributed():
+def cleanup_distributed(sync=False):
+    """Leave the process group. sync=True on the success path: a barrier first, so that no rank tears down its
+    connections while another still reads from them (gloo then aborts that rank at exit: "terminate called
+    without an active exception"). Not on an error path, where the other ranks may never reach the barrier."""
     if is_dist():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -282,6 +282,18 @@ def test_save_checks_the_set_before_writing_anything(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("meta, expected", [
+    ({"meta_version": 1, "model_source": {"checkpoint": "ck/a.pth", "sha256": "ab"}}, ("ck/a.pth", "ab")),
+    ({"meta_version": 1, "model_source": {"weights": "random init"}}, (None, None)),
+    ({"model_name": "hybrid", "resume": "ck/b.pth"}, ("ck/b.pth", None)),        # extract_embeddings.py, older
+    ({"model_name": "fusion", "checkpoint": "ck/f.pth"}, ("ck/f.pth", None)),    # train_fusion.py --apply, older
+    ({"model_name": "x"}, (None, None)),
+    (None, (None, None)),
+])
+def test_source_checkpoint_of_every_meta_format(meta, expected):
+    assert E.source_checkpoint(meta) == expected
+
+
 # ----------------------------------------------------------------------------- one owner of the file names
 
 SIDECAR_NAMES = ("_labels.npy", "_image_ids.npy", "_patient_ids.npy", "_meta.json")
@@ -387,22 +399,10 @@ def _worker(demo_data, out_dir):
     rows = E.embed_dataset(model, ds, torch.device("cpu"), batch_size=4)
     np.savez(Path(out_dir) / f"rank{utils.get_rank()}.npz", rows=rows, world=utils.get_world_size(),
              images=sum(images))
-    utils.cleanup_distributed()
+    utils.cleanup_distributed(sync=True)
 
 
 if __name__ == "__main__":
     for r in (0, 1):
         Path(sys.argv[2], f"list{r}").mkdir(exist_ok=True)
     _worker(sys.argv[1], sys.argv[2])
-
-
-@pytest.mark.parametrize("meta, expected", [
-    ({"meta_version": 1, "model_source": {"checkpoint": "ck/a.pth", "sha256": "ab"}}, ("ck/a.pth", "ab")),
-    ({"meta_version": 1, "model_source": {"weights": "random init"}}, (None, None)),
-    ({"model_name": "hybrid", "resume": "ck/b.pth"}, ("ck/b.pth", None)),        # extract_embeddings.py, older
-    ({"model_name": "fusion", "checkpoint": "ck/f.pth"}, ("ck/f.pth", None)),    # train_fusion.py --apply, older
-    ({"model_name": "x"}, (None, None)),
-    (None, (None, None)),
-])
-def test_source_checkpoint_of_every_meta_format(meta, expected):
-    assert E.source_checkpoint(meta) == expected
