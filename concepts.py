@@ -2,7 +2,8 @@
 
 Linear concept probes on frozen embeddings (one scikit-learn logistic regression per concept, patient-grouped
 cross-validated AUROC), concept profiles from saved probes or zero-shot from ConceptCLIP (image-text logits of a
-prompt pair, plus 27 x 27 token concept maps), and explanations of a query's top-k results in words.
+prompt pair, plus 27 x 27 token concept maps) or from an encoder with a text tower (BiomedCLIP, MedSigLIP,
+CLIP; probabilities only), and explanations of a query's top-k results in words.
 
     # 1. probes from embeddings (extract_embeddings.py output) and a concept-label CSV (image_id,CONCEPT,... 1/0/blank)
     python concepts.py probe --embeddings emb/demo.npy --concept-labels data/demo/concept_labels.csv --save-dir probes/demo
@@ -13,10 +14,13 @@ prompt pair, plus 27 x 27 token concept maps), and explanations of a query's top
     #    ... or zero-shot from ConceptCLIP, with the token-level concept maps (N, K, 27, 27)
     python concepts.py profile --conceptclip-path /models/ConceptCLIP --dataset-dir data/demo \
         --test-image-list data/demo/test_split.txt --output profiles/cc.csv --maps profiles/cc_maps.npz
+    #    ... or zero-shot from an encoder with a text tower (biomedclip, medsiglip, clip; docs/models.md)
+    python concepts.py profile --model biomedclip --pretrained-weights /models/BiomedCLIP --dataset-dir data/demo \
+        --test-image-list data/demo/test_split.txt --output profiles/bmc.csv
     # 3. a query's top-k results explained: shared findings, findings of one side only, codes, span share
     python concepts.py explain --embeddings emb/demo.npy --probes probes/demo/probes.npz --query demo0003-0 demo0007-1 \
         --k 5 --exclude-same-patient --save-dir explain/demo
-    CPU: add --device cpu (only the ConceptCLIP path uses the device; --eval-batch-size images per forward pass).
+    CPU: add --device cpu (only the zero-shot paths use the device; --eval-batch-size images per forward pass).
 
 Embedding sets are read by embeddings.load: X.npy with its image ids file beside it (patient ids, labels and meta
 when present), as extract_embeddings.py writes them.
@@ -242,27 +246,41 @@ def span_share(query, results, directions):
 
 # --------------------------------------------------------------------------- ConceptCLIP zero-shot
 
-def concept_text_embeddings(clip, processor, vocab, concept_ids, device):
+def concept_text_embeddings(encode_text, vocab, concept_ids):
     """(K, D) unit text embeddings of the positive and of the negative prompt of each concept.
 
     A concept's embedding is the mean of the unit embeddings of its prompts, one per term (name and synonyms):
-    positive "a chest radiograph showing X", negative "a chest radiograph with no X".
-    Uses ``processor(text=[...])["input_ids"]`` and ``clip.encode_text(input_ids) -> (T, D)`` (or a tuple,
-    first item).
+    positive "a chest radiograph showing X", negative "a chest radiograph with no X". `encode_text(prompts)
+    -> (T, D)` is the model's text tower (model.py's encoders with a text tower have it; for ConceptCLIP,
+    conceptclip_text_encoder).
     """
     import torch
     import torch.nn.functional as F
 
     def one(template, cid):
-        prompts = [template.format(t) for t in vocab.prompt_terms(cid)]
-        tok = processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
-        out = clip.encode_text(tok["input_ids"].to(device))
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = torch.as_tensor(encode_text([template.format(t) for t in vocab.prompt_terms(cid)]))
         return F.normalize(F.normalize(out.float(), dim=-1).mean(0), dim=0)
 
     with torch.no_grad():
         return (torch.stack([one(PROMPT_POS, c) for c in concept_ids]),
                 torch.stack([one(PROMPT_NEG, c) for c in concept_ids]))
+
+
+def conceptclip_text_encoder(clip, processor, device):
+    """encode_text(prompts) -> (T, D) of the ConceptCLIP remote model: ``processor(text=[...])["input_ids"]`` and
+    ``clip.encode_text(input_ids)`` (or a tuple, first item)."""
+    def encode(prompts):
+        tok = processor(text=prompts, padding=True, truncation=True, return_tensors="pt")
+        out = clip.encode_text(tok["input_ids"].to(device))
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return encode
+
+
+def pair_probability(image, pos, neg, scale):
+    """sigmoid(scale * (cos(image, pos) - cos(image, neg))): the softmax over one concept's prompt pair of
+    scale * cosine, as CLIP-style zero-shot classification. image (B, D) and pos, neg (K, D) unit rows."""
+    import torch
+    return torch.sigmoid(scale * (image @ pos.T - image @ neg.T))
 
 
 def conceptclip_concepts(clip, images, pos, neg, device):
@@ -283,8 +301,7 @@ def conceptclip_concepts(clip, images, pos, neg, device):
         if tokens.shape[-1] != pos.shape[-1]:
             raise ValueError(f"ConceptCLIP token features are {tokens.shape[-1]}-d but text features "
                              f"{pos.shape[-1]}-d; no token concept map is possible")
-        scale = clip.logit_scale.float().exp()
-        prob = torch.sigmoid(scale * (pooled @ pos.T - pooled @ neg.T))           # (B, K)
+        prob = pair_probability(pooled, pos, neg, clip.logit_scale.float().exp())  # (B, K)
         n = tokens.shape[1]
         g = int(round(n ** 0.5))
         if g * g != n:
@@ -308,13 +325,43 @@ def conceptclip_profile(args, vocab, concept_ids):
     ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=get_transform(wrapper),
                           check_files=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.workers)
-    pos, neg = concept_text_embeddings(clip, processor, vocab, concept_ids, device)  # once, not per batch
+    pos, neg = concept_text_embeddings(conceptclip_text_encoder(clip, processor, device), vocab,
+                                       concept_ids)  # once, not per batch
     probs, maps = [], []
     for images, _, _ in loader:
         p, m = conceptclip_concepts(clip, images, pos, neg, device)
         probs.append(p)
         maps.append(m)
     return np.array(ds.image_ids), np.concatenate(probs), np.concatenate(maps)
+
+
+def encoder_profile(args, vocab, concept_ids):
+    """Zero-shot profile of every image of --test-image-list with a model.py encoder that has a text tower
+    (--model biomedclip / medsiglip / clip): image embeddings as extract_embeddings.py writes them (unit, no
+    head), the prompt pairs through the model's own text tower, its own logit scale."""
+    import torch
+    from dataset import ImageListDataset, test_image_dir
+    from embeddings import embed_dataset
+    from model import MODELS, build_model, check_weights, get_transform
+    cls = MODELS.get(args.model)
+    if cls is None or not getattr(cls, "has_text_tower", False):
+        known = sorted(n for n, c in MODELS.items() if getattr(c, "has_text_tower", False))
+        raise ValueError(f"--model {args.model}: no text tower for zero-shot concepts; choose one of {known} "
+                         f"(or --conceptclip-path, or --probes with --embeddings)")
+    image_dir = test_image_dir(args.dataset_dir, args.test_dataset_dir)
+    ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset)      # list and files checked first
+    margs = {"pretrained_weights": args.pretrained_weights, "pretrained": True}
+    check_weights(args.model, margs)
+    device = get_device(args.device)
+    wrapper = build_model(args.model, **margs).eval().to(device)
+    ds = ImageListDataset(args.test_image_list, image_dir, dataset=args.dataset, transform=get_transform(wrapper),
+                          check_files=False)
+    images = torch.from_numpy(embed_dataset(wrapper, ds, device, batch_size=args.eval_batch_size,
+                                            workers=args.workers, normalize=True)).to(device)
+    with torch.no_grad():
+        pos, neg = concept_text_embeddings(wrapper.encode_text, vocab, concept_ids)
+        prob = pair_probability(images, pos.to(device), neg.to(device), float(wrapper.logit_scale()))
+    return np.array(ds.image_ids), prob.cpu().numpy()
 
 
 # --------------------------------------------------------------------------- explanations
@@ -404,12 +451,16 @@ def get_args_parser():
     f.add_argument("--probes", type=Path, default=None, help="probes.npz of concepts.py probe")
     f.add_argument("--embeddings", type=Path, default=None, help="embeddings to profile (with --probes)")
     f.add_argument("--conceptclip-path", default=None, help="zero-shot with ConceptCLIP (HF id or folder)")
+    f.add_argument("--model", default=None,
+                   help="zero-shot with a model.py encoder that has a text tower: biomedclip, medsiglip, clip")
+    f.add_argument("--pretrained-weights", default=None,
+                   help="with --model: its local folder or hub id (default: the official id, docs/models.md)")
     f.add_argument("--concepts", nargs="+", default=None,
-                   help="concepts for ConceptCLIP; not given: every finding, disease and modifier")
-    f.add_argument("--dataset", default="covid", help="label map of the image list (ConceptCLIP path)")
-    f.add_argument("--dataset-dir", type=Path, default=None, help="image root (ConceptCLIP path)")
-    f.add_argument("--test-dataset-dir", type=Path, default=None, help="test image folder (ConceptCLIP path)")
-    f.add_argument("--test-image-list", type=Path, default=None, help="images to profile (ConceptCLIP path)")
+                   help="concepts for zero-shot; not given: every finding, disease and modifier")
+    f.add_argument("--dataset", default="covid", help="label map of the image list (zero-shot paths)")
+    f.add_argument("--dataset-dir", type=Path, default=None, help="image root (zero-shot paths)")
+    f.add_argument("--test-dataset-dir", type=Path, default=None, help="test image folder (zero-shot paths)")
+    f.add_argument("--test-image-list", type=Path, default=None, help="images to profile (zero-shot paths)")
     f.add_argument("--batch-size", dest="eval_batch_size", type=int, default=argparse.SUPPRESS, metavar="N",
                    help="older name of --eval-batch-size (images per ConceptCLIP forward pass)")
     f.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -472,8 +523,11 @@ def run_probe(args, vocab):
 
 
 def run_profile(args, vocab):
-    if (args.probes is None) == (args.conceptclip_path is None):
-        raise ValueError("give exactly one of --probes P.npz (with --embeddings) or --conceptclip-path DIR")
+    if sum(x is not None for x in (args.probes, args.conceptclip_path, args.model)) != 1:
+        raise ValueError("give exactly one of --probes P.npz (with --embeddings), --conceptclip-path DIR or "
+                         "--model NAME (an encoder with a text tower: biomedclip, medsiglip, clip)")
+    if args.pretrained_weights is not None and args.model is None:
+        raise ValueError("--pretrained-weights goes with --model (zero-shot with a model.py encoder)")
     if args.eval_batch_size < 1:
         raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     outs = [args.output] + ([args.maps] if args.maps else [])
@@ -491,16 +545,24 @@ def run_profile(args, vocab):
                              probes["weights"], probes["bias"])
         source = f"probes {args.probes}"
     else:
+        flag = "--conceptclip-path" if args.model is None else "--model"
+        if args.model is not None and args.maps is not None:
+            raise ValueError("--maps needs --conceptclip-path: the token concept maps are ConceptCLIP's (its image "
+                             "tokens live in the text space); --model gives the probabilities only")
         if args.test_image_list is None or (args.dataset_dir is None and args.test_dataset_dir is None):
-            raise ValueError("--conceptclip-path needs --test-image-list and --dataset-dir (or --test-dataset-dir)")
+            raise ValueError(f"{flag} needs --test-image-list and --dataset-dir (or --test-dataset-dir)")
         names = args.concepts or [c for c, v in vocab.concepts.items() if v.kind != "group"]
         concepts = []
         for n in names:
             if vocab.resolve(n) is None:
                 raise ValueError(f"--concepts: {n!r} is not a concept of {args.vocabulary / 'findings.tsv'}")
             concepts.append(vocab.resolve(n))
-        ids, prob, maps = conceptclip_profile(args, vocab, concepts)
-        source = f"ConceptCLIP zero-shot {args.conceptclip_path}"
+        if args.model is not None:
+            ids, prob = encoder_profile(args, vocab, concepts)
+            source = f"{args.model} zero-shot {args.pretrained_weights or 'official weights'}"
+        else:
+            ids, prob, maps = conceptclip_profile(args, vocab, concepts)
+            source = f"ConceptCLIP zero-shot {args.conceptclip_path}"
         if args.maps is not None:
             ensure_writable_dir(Path(args.maps).parent, "--maps")
             _atomic_replace(args.maps, lambda fh: np.savez(fh, maps=maps.astype(np.float32), image_ids=ids,

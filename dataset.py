@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 LABEL_MAPS = {
     "covid": {"normal": 0, "pneumonia": 1, "COVID-19": 2},
@@ -272,24 +273,42 @@ def load_image(path):
 # transforms
 
 
+class FloorCenterCrop(transforms.CenterCrop):
+    """Centre crop whose offsets are rounded down, (H - S) // 2, as Hugging Face image processors crop;
+    torchvision's CenterCrop rounds half up, one pixel apart when H - S is odd."""
+
+    def forward(self, img):
+        w, h = TF.get_image_size(img)
+        ch, cw = self.size
+        if ch > h or cw > w:
+            return super().forward(img)  # pads as torchvision does
+        return TF.crop(img, (h - ch) // 2, (w - cw) // 2, ch, cw)
+
+
 def build_transform(img_size, mean, std, train=False, rand_resize=False, resize_mode="crop",
-                    interpolation="bilinear"):
-    """The one transform pipeline. crop: resize shorter side to 1.125 x size, then crop; squash: resize to size x size.
+                    interpolation="bilinear", resize_size=None, crop_rounding="round"):
+    """The one transform pipeline. crop: resize shorter side to `resize_size` (default int(1.125 x size)), then
+    crop; squash: resize to size x size.
 
     `interpolation` ("bilinear" or "bicubic") is the resize filter: ConceptCLIP's processor uses bicubic.
+    `crop_rounding`: "round" (torchvision's CenterCrop, open_clip) or "floor" (Hugging Face processors), so that a
+    model's processor is reproduced to the pixel (model.py reads both from the processor).
     """
     img_size = int(img_size)
     modes = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     if interpolation not in modes:
         raise ValueError(f"interpolation must be one of {sorted(modes)}, got {interpolation!r}")
+    if crop_rounding not in ("round", "floor"):
+        raise ValueError(f"crop_rounding must be 'round' or 'floor', got {crop_rounding!r}")
     interp = modes[interpolation]
+    center_crop = FloorCenterCrop if crop_rounding == "floor" else transforms.CenterCrop
     if resize_mode == "crop":
-        steps = [transforms.Resize(int(1.125 * img_size), interpolation=interp)]
+        steps = [transforms.Resize(int(resize_size or 1.125 * img_size), interpolation=interp)]
         if train:
-            steps.append(transforms.RandomResizedCrop(img_size) if rand_resize else transforms.CenterCrop(img_size))
+            steps.append(transforms.RandomResizedCrop(img_size) if rand_resize else center_crop(img_size))
             steps.append(transforms.RandomHorizontalFlip())
         else:
-            steps.append(transforms.CenterCrop(img_size))
+            steps.append(center_crop(img_size))
     elif resize_mode == "squash":
         steps = [transforms.Resize((img_size, img_size), interpolation=interp)]
         if train:

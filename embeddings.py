@@ -283,13 +283,18 @@ def make_meta(model=None, *, model_name=None, model_args=None, embedding_dim=Non
     wherever the file lies) or else `weights` (an id, e.g. "microsoft/rad-dino"; default: the weight names
     in model_args, or "random init" for --no-pretrained). `extra` keys (e.g. inputs, world_size) are kept."""
     from utils import git_revision
+    from model import ENCODERS, encoder_info
+    encoder = None  # a foundation encoder's row of model.ENCODERS (id, input, normalisation, licence, gated, ...)
     if model is not None:
         model = getattr(model, "module", model)    # DistributedDataParallel
         model = getattr(model, "_orig_mod", model)  # torch.compile
+        encoder = encoder_info(model)
         model_name = model_name or model.model_name
         model_args = model_args if model_args is not None else dict(model.model_args)
         embedding_dim = embedding_dim or int(model.embedding_dim)
     model_args = dict(model_args or {})
+    if encoder is None and model_name in ENCODERS:
+        encoder = {k: v for k, v in ENCODERS[model_name].items() if k != "variants"}
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise ValueError(f"checkpoint {checkpoint}: file not found")
@@ -305,7 +310,7 @@ def make_meta(model=None, *, model_name=None, model_args=None, embedding_dim=Non
             "model_source": source, "embedding_dim": None if embedding_dim is None else int(embedding_dim),
             "list_file": None if list_file is None else str(list_file),
             "image_dir": None if image_dir is None else str(image_dir), "dataset": dataset,
-            "class_names": None if class_names is None else list(class_names), "seed": seed,
+            "class_names": None if class_names is None else list(class_names), "seed": seed, "encoder": encoder,
             "git": git_revision(), "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds")}
     clash = sorted(set(extra) & set(meta))

@@ -16,6 +16,9 @@ Registry (`MODELS`):
     resnet50, densenet121  classic baselines (timm implementations, plain GAP)
     timm                 any timm model (--backbone NAME), pooled features, MXA on NCHW maps
     conceptclip          frozen ConceptCLIP image tower (HF remote code) [-> trainable Linear]
+    raddino, biomedclip, medsiglip, xrv, dinov2, clip
+                         CXR foundation encoders and baselines (table: ENCODERS, shown by --help), each loaded
+                         with its authors' library and fed by its own processor; frozen [-> --encoder-head Linear]
 
 Scripts get the flags from `get_model_parser()` and the arguments from `model_args_from_cli(args)`;
 they never branch on the model name.
@@ -59,6 +62,8 @@ DEFAULT_MODEL_ARGS = {
     "conceptclip_path": DEFAULT_CONCEPTCLIP,
     "conceptclip_batch_size": 8,
     "conceptclip_head": False,
+    "encoder_head": False,
+    "encoder_batch_size": 8,
     "freeze_backbone": None,
 }
 
@@ -239,6 +244,9 @@ def check_weights(model_name, model_args):
     args = {**DEFAULT_MODEL_ARGS, **model_args}
     if model_name == "conceptclip":
         _check_conceptclip(args["conceptclip_path"], args["pretrained"])
+        return
+    if model_name in ENCODER_MODELS:
+        _check_encoder(model_name, args)
         return
     sources = getattr(MODELS[model_name], "weight_sources", None)
     if sources is None:
@@ -748,6 +756,571 @@ def _processor_data_config(processor, path):
             "resize_mode": "squash", "interpolation": "bicubic" if resample == 3 else "bilinear"}
 
 
+# ----------------------------------------------------------------------------------------------
+# CXR foundation encoders (issue 21): each loaded with the library its authors publish it for, frozen by
+# default, [-> trainable Linear (--encoder-head)]. The table is the one place that says, per encoder, where the
+# weights come from and where the preprocessing is read; `--help`, encoder_info() and each set's meta show it.
+
+ENCODERS = {
+    "raddino": {
+        "id": "microsoft/rad-dino", "library": "transformers AutoModel (Dinov2Model)",
+        "input": "518 px (shorter side 518, centre crop)", "channels": 3,
+        "normalisation": "its AutoImageProcessor (preprocessor_config.json)", "output": "CLS token (pooler_output)",
+        "dim": 768, "licence": "MSRLA (Microsoft Research Licence Agreement)", "gated": False,
+        "fetch": "huggingface-cli download microsoft/rad-dino --local-dir DIR"},
+    "biomedclip": {
+        "id": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "library": "open_clip (hf-hub: / local-dir:)",
+        "input": "224 px (shorter side 224, centre crop)", "channels": 3,
+        "normalisation": "open_clip's preprocess (open_clip_config.json preprocess_cfg)", "output": "encode_image",
+        "dim": 512, "licence": "MIT", "gated": False,
+        "fetch": "huggingface-cli download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --local-dir DIR; "
+                 "huggingface-cli download microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract config.json "
+                 "(its text tower's config, read from the cache)"},
+    "medsiglip": {
+        "id": "google/medsiglip-448", "library": "transformers AutoModel (SiglipModel)",
+        "input": "448 px (squash)", "channels": 3,
+        "normalisation": "its AutoImageProcessor (SiglipImageProcessor)", "output": "get_image_features (pooled)",
+        "dim": 1152, "licence": "Health AI Developer Foundations terms of use", "gated": True,
+        "fetch": "accept the terms on huggingface.co/google/medsiglip-448, huggingface-cli login, then "
+                 "huggingface-cli download google/medsiglip-448 --local-dir DIR"},
+    "xrv": {
+        "id": "densenet121-res224-all", "library": "torchxrayvision (--backbone densenet121-res224-all | "
+                                                  "resnet50-res512-all)",
+        "input": "224 px (densenet) / 512 px (resnet): centre square crop, resize", "channels": 1,
+        "normalisation": "torchxrayvision: one channel in [-1024, 1024] (xrv.utils.normalize(img, 255)), "
+                         "XRayCenterCrop, XRayResizer",
+        "output": "features2 (densenet) / pooled layer4 (resnet)", "dim": 1024, "licence": "Apache-2.0",
+        "gated": False,
+        "fetch": "python -c \"import torchxrayvision as xrv; xrv.models.get_weights('NAME')\" (fills "
+                 "~/.torchxrayvision/models_data/; copy that folder and pass --pretrained-weights DIR)",
+        "variants": {"densenet121-res224-all": {"size": 224, "dim": 1024},
+                     "resnet50-res512-all": {"size": 512, "dim": 2048}}},
+    "dinov2": {
+        "id": "facebook/dinov2-base", "library": "transformers AutoModel (Dinov2Model)",
+        "input": "224 px (shorter side 256, centre crop 224)", "channels": 3,
+        "normalisation": "its AutoImageProcessor (BitImageProcessor)", "output": "CLS token (pooler_output)",
+        "dim": 768, "licence": "Apache-2.0", "gated": False,
+        "fetch": "huggingface-cli download facebook/dinov2-base --local-dir DIR"},
+    "clip": {
+        "id": "openai/clip-vit-large-patch14", "library": "transformers AutoModel (CLIPModel)",
+        "input": "224 px (shorter side 224, centre crop)", "channels": 3,
+        "normalisation": "its AutoImageProcessor (CLIPImageProcessor)", "output": "get_image_features",
+        "dim": 768, "licence": "MIT", "gated": False,
+        "fetch": "huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR"},
+}
+
+
+def encoders_help():
+    """The table as text for --help: one entry per encoder."""
+    return "; ".join(f"{name}: {r['id']}, {r['input']}, {r['channels']} channel(s), normalisation from "
+                     f"{r['normalisation']}, {r['dim'] if 'variants' not in r else '1024 / 2048'}-d, licence "
+                     f"{r['licence']}{', GATED' if r['gated'] else ''}" for name, r in ENCODERS.items())
+
+
+def encoder_info(model):
+    """The ENCODERS row of `model` (a copy, with the weights source, backbone, input size and dim it was built
+    with), or None for models that are not foundation encoders. For an embedding set's meta."""
+    model = _unwrap(model)
+    if not isinstance(model, FoundationEncoder):
+        return None
+    row = {k: v for k, v in ENCODERS[model.model_name].items() if k != "variants"}
+    row.update(name=model.model_name, source=model.source or "torchxrayvision's cache (~/.torchxrayvision)",
+               input_size=int(model.data_config["img_size"]), native_dim=int(model.native_dim),
+               embedding_dim=int(model.embedding_dim), head=model.head is not None)
+    if model.model_name == "xrv":
+        row.update(id=model.variant, dim=int(model.native_dim))
+    return row
+
+
+# torchxrayvision bundles a baseline (jfhealthcare) whose code does `from model.utils import ...` with its folder
+# put first on sys.path: beside this toolkit's model.py that import fails ('model' is not a package), and on its
+# own it leaves its `model` package in sys.modules and its folders on sys.path. While torchxrayvision is first
+# imported, this toolkit's `model` is stepped aside and afterwards restored, and sys.path put back; the finder
+# below does it for any `import torchxrayvision` made after this module was imported, whoever makes it.
+
+class _IsolatedLoader:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        import sys
+        ours = {k: sys.modules.pop(k) for k in [k for k in sys.modules if k == "model" or k.startswith("model.")]}
+        path = list(sys.path)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            for k in [k for k in sys.modules if k == "model" or k.startswith("model.")]:
+                del sys.modules[k]  # torchxrayvision's baseline's own `model` package: its classes keep working
+            sys.modules.update(ours)
+            sys.path[:] = path
+
+
+class _TorchXRayVisionFinder:
+    """A meta path finder that acts on the one name `torchxrayvision` and on nothing else."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "torchxrayvision":
+            return None
+        import importlib.machinery
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _IsolatedLoader(spec.loader)
+        return spec
+
+
+def _install_xrv_finder():
+    import sys
+    if not any(type(f).__name__ == "_TorchXRayVisionFinder" for f in sys.meta_path):
+        sys.meta_path.insert(0, _TorchXRayVisionFinder())
+
+
+_install_xrv_finder()
+
+
+def import_torchxrayvision():
+    """torchxrayvision, imported beside this toolkit's model.py (see _TorchXRayVisionFinder)."""
+    try:
+        import torchxrayvision
+    except ImportError as e:
+        raise ImportError(f"--model xrv needs torchxrayvision: pip install 'torchxrayvision>=1.5,<1.6' ({e})") from e
+    return torchxrayvision
+
+
+def _hf_offline():
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def _encoder_source(name, pretrained_weights):
+    """The weights source of encoder `name`: --pretrained-weights (local folder or hub id) or the official id."""
+    if name == "xrv":
+        return str(Path(pretrained_weights).expanduser()) if pretrained_weights else None
+    src = str(pretrained_weights or ENCODERS[name]["id"])
+    return src[len("hf-hub:"):] if src.startswith("hf-hub:") else src
+
+
+def _is_local(src):
+    return Path(src).expanduser().is_dir() or src.startswith((".", "/", "~")) or src.count("/") > 1
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+
+def _xrv_variant(backbone):
+    variants = ENCODERS["xrv"]["variants"]
+    v = backbone or ENCODERS["xrv"]["id"]
+    if v not in variants:
+        raise ValueError(f"--model xrv --backbone {v}: choose one of {sorted(variants)}")
+    return v
+
+
+def _xrv_weight_file(variant, folder):
+    """(expected local file, url) of torchxrayvision weights `variant` in `folder` (default its own cache)."""
+    xrv = import_torchxrayvision()
+    url = xrv.models.model_urls[variant]["weights_url"]
+    folder = folder or xrv.utils.get_cache_dir()
+    return Path(folder).expanduser() / os.path.basename(url), url
+
+
+def _check_encoder(name, args):
+    """check_weights for the foundation encoders: config, processor and (pretrained) weights of encoder `name`
+    in the --pretrained-weights folder, else in the Hugging Face cache when offline. Files only, no network."""
+    row, pretrained = ENCODERS[name], bool(args["pretrained"])
+    if name == "xrv":
+        variant = _xrv_variant(args.get("backbone"))
+        if not pretrained:
+            return
+        folder = _encoder_source(name, args.get("pretrained_weights"))
+        path, url = _xrv_weight_file(variant, folder)
+        if path.is_file():
+            return
+        fix = (f"fetch it once on a machine with network access ({row['fetch'].replace('NAME', variant)}, or wget "
+               f"{url} -O DIR/{path.name}) and pass --pretrained-weights DIR, or use --no-pretrained")
+        if folder is not None:
+            raise WeightsUnavailableError(f"--pretrained-weights {folder}: no torchxrayvision weights {path.name} "
+                                          f"({variant}) in the folder; {fix}")
+        if _hf_offline():
+            raise WeightsUnavailableError(f"torchxrayvision weights {variant} ({path}) are not on this machine and "
+                                          f"offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) forbids "
+                                          f"downloading them: {fix}")
+        return  # torchxrayvision downloads them
+    src = _encoder_source(name, args.get("pretrained_weights"))
+    fetch = row["fetch"] + ", then --pretrained-weights DIR"
+    weights = _OPEN_CLIP_WEIGHTS if name == "biomedclip" else _HF_WEIGHTS
+    needed = ("open_clip_config.json",) if name == "biomedclip" else ("config.json", "preprocessor_config.json")
+    if _is_local(src):
+        local = Path(src).expanduser()
+        if not local.is_dir():
+            raise WeightsUnavailableError(f"--pretrained-weights {src}: folder not found ({name}, {row['id']}); "
+                                          f"fetch it on a machine with network access: {fetch}")
+        missing = [n for n in needed if not (local / n).is_file()]
+        if pretrained and not any((local / f).is_file() for f in weights):
+            missing.append("weights (" + " / ".join(weights) + ")")
+        if missing:
+            raise WeightsUnavailableError(f"--pretrained-weights {src}: the folder lacks {', '.join(missing)} of "
+                                          f"{name} ({row['id']}); fetch it on a machine with network access: {fetch}")
+        return
+    if not _hf_offline():
+        return  # the library downloads it (a gated model needs `huggingface-cli login` first)
+    if not all(_hub_has(src, (n,)) for n in needed) or (pretrained and not _hub_has(src, weights)):
+        raise WeightsUnavailableError(
+            f"{name} weights '{src}' are not in the Hugging Face cache ({_hf_cache_dir() or 'the default cache'}) and "
+            f"offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) forbids downloading them: on a machine with "
+            f"network access run {fetch}" + (" (a gated model: accept its terms first)" if row["gated"] else ""))
+
+
+def _hf_data_config(ip, src):
+    """The eval transform's settings read from a Hugging Face image processor: its resize (shortest_edge + centre
+    crop, or a squash to height x width), filter, rescale and mean/std. Crop offsets round down as its own do."""
+    size, what = getattr(ip, "size", None), f"the image processor of '{src}'"
+    size = dict(size) if size is not None and not isinstance(size, int) else {"shortest_edge": size}
+    if "shortest_edge" in size and size["shortest_edge"]:
+        crop = dict(getattr(ip, "crop_size", None) or {})
+        if not getattr(ip, "do_center_crop", False) or crop.get("height") != crop.get("width"):
+            raise ValueError(f"{what} resizes the shorter side without a square centre crop ({size}, crop {crop}); "
+                             "only square inputs are supported")
+        cfg = {"img_size": int(crop["height"]), "resize_size": int(size["shortest_edge"]), "resize_mode": "crop",
+               "crop_rounding": "floor"}
+    elif size.get("height") and size.get("height") == size.get("width"):
+        cfg = {"img_size": int(size["height"]), "resize_mode": "squash"}
+    else:
+        raise ValueError(f"{what} has size={size!r}; expected {{'shortest_edge': S}} or a square {{'height', 'width'}}")
+    if getattr(ip, "do_rescale", True) and abs(float(getattr(ip, "rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise ValueError(f"{what} rescales by {ip.rescale_factor}, not 1/255 as ToTensor does")
+    resample = int(getattr(ip, "resample", 3))
+    if resample not in (2, 3):
+        raise ValueError(f"{what} resamples with PIL filter {resample}; only bilinear (2) and bicubic (3) are "
+                         "supported")
+    mean, std = (ip.image_mean, ip.image_std) if getattr(ip, "do_normalize", True) else ([0.0] * 3, [1.0] * 3)
+    return {**cfg, "mean": [float(v) for v in mean], "std": [float(v) for v in std], "channels": 3,
+            "interpolation": "bicubic" if resample == 3 else "bilinear"}
+
+
+class XRayVisionTransform:
+    """torchxrayvision's preprocessing of a PIL image: 8-bit pixels to [-1024, 1024] (xrv.utils.normalize(img,
+    255)), the channels averaged to one, XRayCenterCrop (the centre square), XRayResizer(size) -> (1, S, S).
+    train: a random horizontal flip first (the toolkit's augmentation for every model). Picklable (workers)."""
+
+    def __init__(self, size, train=False):
+        self.size, self.train = int(size), bool(train)
+
+    def __call__(self, img):
+        xrv = import_torchxrayvision()
+        a = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img)
+        a = xrv.utils.normalize(a, 255)
+        a = a.mean(2)[None] if a.ndim == 3 else a[None]  # (1, H, W)
+        if self.train and torch.rand(()) < 0.5:
+            a = np.ascontiguousarray(a[:, :, ::-1])
+        a = xrv.datasets.XRayResizer(self.size)(xrv.datasets.XRayCenterCrop()(a))
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def __repr__(self):
+        return f"XRayVisionTransform(size={self.size}, train={self.train})"
+
+
+class FoundationEncoder(EmbeddingModel):
+    """Shared behaviour of the foundation encoders: the tower (`self.net`, frozen by default) maps the input to its
+    native features, micro-batched; an optional trainable Linear (--encoder-head) maps them to --embedding-dim;
+    the output is L2-normalised. Subclasses load the tower and its processor (`_load`), encode (`_encode`) and
+    name the layer the CAM methods explain (`explain_layer`). A text tower, where there is one, stays frozen and
+    `encode_text(prompts) -> (T, D)` (has_text_tower = True) embeds prompts in the image embeddings' space."""
+
+    ARG_NAMES = ("pretrained_weights", "embedding_dim", "encoder_head", "encoder_batch_size", "pretrained",
+                 "freeze_backbone")
+    has_text_tower = False
+    # load_checkpoint keeps --pretrained-weights: the architecture is rebuilt from that folder's config
+    config_from_weights_source = True
+
+    def __init__(self, pretrained_weights=None, embedding_dim=None, encoder_head=False, encoder_batch_size=8,
+                 pretrained=True, freeze_backbone=None, backbone=None):
+        super().__init__()
+        if int(encoder_batch_size) < 1:
+            raise ValueError(f"--encoder-batch-size must be >= 1, got {encoder_batch_size}")
+        if embedding_dim and not encoder_head:
+            raise ValueError(f"--embedding-dim with --model {self.model_name} needs --encoder-head (a trainable "
+                             "projection); without it the encoder's native width is used")
+        freeze_backbone = True if freeze_backbone is None else bool(freeze_backbone)
+        self.source = _encoder_source(self.model_name, pretrained_weights)
+        self.net, self.data_config, self.native_dim = self._load(self.source, bool(pretrained), backbone)
+        for n, p in self.net.named_parameters():
+            if not self._is_image_param(n):
+                p.requires_grad_(False)  # the text tower: no gradient from an image loss, no DDP unused parameters
+        self.micro_batch = int(encoder_batch_size)
+        self.head = nn.Linear(self.native_dim, embedding_dim or self.native_dim) if encoder_head else None
+        self.embedding_dim = int(embedding_dim or self.native_dim) if encoder_head else int(self.native_dim)
+        args = {"pretrained_weights": pretrained_weights if pretrained_weights is None else str(pretrained_weights),
+                "embedding_dim": embedding_dim, "encoder_head": bool(encoder_head),
+                "encoder_batch_size": self.micro_batch, "pretrained": bool(pretrained),
+                "freeze_backbone": freeze_backbone}
+        if "backbone" in self.ARG_NAMES:
+            args["backbone"] = backbone
+        self._finish(args, freeze_backbone)
+
+    def _is_image_param(self, name):
+        return True
+
+    def pretrained_modules(self):
+        return [self.net]
+
+    def set_grad_checkpointing(self, enable=True):
+        if self.frozen:
+            return  # no backward through the tower
+        if not getattr(self.net, "supports_gradient_checkpointing", False):
+            raise ValueError(f"--grad-checkpointing: --model {self.model_name} does not support it; drop the flag")
+        if enable:
+            self.net.gradient_checkpointing_enable()
+        else:
+            self.net.gradient_checkpointing_disable()
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            z = torch.cat([self._encode(chunk).float() for chunk in x.split(self.micro_batch)])
+        if self.head is not None:
+            z = self.head(z)
+        return F.normalize(z, dim=1)
+
+    def _text_check(self):
+        if self.head is not None:
+            raise ValueError(f"encode_text: --model {self.model_name} was built with --encoder-head, whose "
+                             "projection maps image features only; text and image embeddings then live in "
+                             "different spaces. Use the encoder without the head for text prompts")
+
+    def logit_scale(self):
+        """The learned temperature of the image-text logits (exp of the model's logit_scale), for zero-shot
+        scores as the model computes them (concepts.py); text-tower models only."""
+        if not self.has_text_tower:
+            raise ValueError(f"--model {self.model_name} has no text tower")
+        return float(self.net.logit_scale.detach().float().exp())
+
+
+class _HFVisionEncoder(FoundationEncoder):
+    """A transformers model (AutoModel) and its AutoImageProcessor: local folder (no network) or hub id."""
+
+    def _load(self, src, pretrained, backbone):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+        row = ENCODERS[self.model_name]
+        try:
+            if pretrained:
+                net = AutoModel.from_pretrained(src)
+            else:  # checkpoint reload: the architecture from its config, the weights from the checkpoint
+                net = AutoModel.from_config(AutoConfig.from_pretrained(src))
+            ip = AutoImageProcessor.from_pretrained(src)
+        except (OSError, ValueError) as e:
+            raise WeightsUnavailableError(f"could not load {self.model_name} from '{src}' ({type(e).__name__}: "
+                                          f"{_first_line(e)}); on a machine with network access run {row['fetch']} "
+                                          "and pass --pretrained-weights DIR") from e
+        return net, _hf_data_config(ip, src), self._width(net.config)
+
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            from transformers import AutoTokenizer
+            self._tok = AutoTokenizer.from_pretrained(self.source)
+        return self._tok
+
+
+class RadDinoEncoder(_HFVisionEncoder):
+    """`raddino`: RAD-DINO (DINOv2 ViT-B/14 on chest X-rays), CLS token of the last layer norm (768)."""
+    model_name = "raddino"
+
+    def _width(self, config):
+        return config.hidden_size
+
+    def _encode(self, x):
+        return self.net(pixel_values=x).pooler_output  # layernorm(CLS)
+
+    def explain_layer(self):
+        layers = self.net.encoder.layer
+        prefix = 1 + int(getattr(self.net.config, "num_register_tokens", 0) or 0)  # class + register tokens
+        return f"encoder.layer.{len(layers) - 1}.norm1", layers[-1].norm1, (lambda t: tokens_to_map(t, prefix))
+
+
+class DinoV2Encoder(RadDinoEncoder):
+    """`dinov2`: DINOv2 ViT-B/14 (natural images), CLS token (768): the generic self-supervised baseline."""
+    model_name = "dinov2"
+
+
+class _HFCLIPEncoder(_HFVisionEncoder):
+    """A transformers CLIP-style model: image features from get_image_features, text from get_text_features."""
+    has_text_tower = True
+    text_padding = {"padding": True}
+    prefix_tokens = 1
+
+    def _is_image_param(self, name):
+        return name.startswith(("vision_model.", "visual_projection."))
+
+    def _encode(self, x):
+        out = self.net.get_image_features(pixel_values=x)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    def explain_layer(self):
+        layers = self.net.vision_model.encoder.layers
+        n = self.prefix_tokens
+        return (f"vision_model.encoder.layers.{len(layers) - 1}.layer_norm1", layers[-1].layer_norm1,
+                (lambda t: tokens_to_map(t, n)))
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        self._text_check()
+        tok = self._tokenizer()(list(prompts), truncation=True, return_tensors="pt", **self.text_kwargs())
+        dev = next(self.net.parameters()).device
+        feats = self.net.get_text_features(**{k: v.to(dev) for k, v in tok.items() if k in self.text_inputs})
+        feats = feats if torch.is_tensor(feats) else feats.pooler_output
+        return F.normalize(feats.float(), dim=1)
+
+
+class CLIPEncoder(_HFCLIPEncoder):
+    """`clip`: OpenAI CLIP ViT-L/14 (transformers), image embeds (768): the generic vision-language baseline."""
+    model_name = "clip"
+    text_inputs = ("input_ids", "attention_mask")
+
+    def _width(self, config):
+        return config.projection_dim
+
+    def text_kwargs(self):
+        return {"padding": True, "max_length": self.net.config.text_config.max_position_embeddings}
+
+
+class MedSigLIPEncoder(_HFCLIPEncoder):
+    """`medsiglip`: MedSigLIP-448 (SigLIP), pooled image features (1152). SigLIP has no class token: every token
+    is a patch. Its text tower was trained on prompts padded to the full length, without attention mask."""
+    model_name = "medsiglip"
+    prefix_tokens = 0
+    text_inputs = ("input_ids",)
+
+    def _width(self, config):
+        return config.vision_config.hidden_size
+
+    def _is_image_param(self, name):
+        return name.startswith("vision_model.")
+
+    def text_kwargs(self):
+        return {"padding": "max_length", "max_length": self.net.config.text_config.max_position_embeddings}
+
+
+class BiomedCLIPEncoder(FoundationEncoder):
+    """`biomedclip`: BiomedCLIP through open_clip (timm ViT-B/16 trunk, PubMedBERT text), encode_image (512)."""
+    model_name = "biomedclip"
+    has_text_tower = True
+
+    def _open_clip_name(self, src):
+        return f"local-dir:{Path(src).expanduser()}" if _is_local(src) else f"hf-hub:{src}"
+
+    def _load(self, src, pretrained, backbone):
+        import open_clip
+        row = ENCODERS[self.model_name]
+        try:
+            net = open_clip.create_model(self._open_clip_name(src), load_weights=pretrained,
+                                         require_pretrained=pretrained, pretrained_image=False, pretrained_text=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise WeightsUnavailableError(f"could not load biomedclip from '{src}' ({type(e).__name__}: "
+                                          f"{_first_line(e)}); on a machine with network access run {row['fetch']} "
+                                          "and pass --pretrained-weights DIR") from e
+        pc = dict(net.visual.preprocess_cfg)
+        size = pc["size"] if isinstance(pc["size"], int) else pc["size"][0]
+        if not isinstance(pc["size"], int) and pc["size"][0] != pc["size"][1]:
+            raise ValueError(f"biomedclip '{src}': non-square input {pc['size']} is not supported")
+        modes = {"shortest": {"resize_mode": "crop", "resize_size": int(size), "crop_rounding": "round"},
+                 "squash": {"resize_mode": "squash"}}
+        if pc.get("resize_mode", "shortest") not in modes or pc.get("interpolation", "bicubic") not in ("bicubic",
+                                                                                                       "bilinear"):
+            raise ValueError(f"biomedclip '{src}': open_clip preprocess {pc} is not supported")
+        cfg = {"img_size": int(size), **modes[pc.get("resize_mode", "shortest")],
+               "mean": [float(v) for v in pc["mean"]], "std": [float(v) for v in pc["std"]], "channels": 3,
+               "interpolation": pc.get("interpolation", "bicubic")}
+        with torch.no_grad():  # open_clip's configs name the width differently per tower: ask the tower
+            width = net.encode_image(torch.zeros(1, 3, size, size)).shape[1]
+        return net, cfg, width
+
+    def _is_image_param(self, name):
+        return name.startswith("visual.")
+
+    def set_grad_checkpointing(self, enable=True):
+        if not self.frozen:
+            self.net.set_grad_checkpointing(enable)
+
+    def _encode(self, x):
+        return self.net.encode_image(x)
+
+    def explain_layer(self):
+        trunk = self.net.visual.trunk
+        n = int(getattr(trunk, "num_prefix_tokens", 1))
+        return (f"visual.trunk.blocks.{len(trunk.blocks) - 1}.norm1", trunk.blocks[-1].norm1,
+                (lambda t: tokens_to_map(t, n)))
+
+    @torch.no_grad()
+    def encode_text(self, prompts):
+        self._text_check()
+        if getattr(self, "_tok", None) is None:
+            import open_clip
+            self._tok = open_clip.get_tokenizer(self._open_clip_name(self.source))
+        dev = next(self.net.parameters()).device
+        return F.normalize(self.net.encode_text(self._tok(list(prompts)).to(dev)).float(), dim=1)
+
+
+class XRayVisionEncoder(FoundationEncoder):
+    """`xrv`: torchxrayvision's DenseNet-121 (features2, 1024) or ResNet-50 (pooled layer4, 2048), both trained on
+    the union of public CXR sets ('-all'), one channel in [-1024, 1024]. Their classifiers are dropped (Identity):
+    the embedding never uses them, and a rebuild without the weight file (checkpoint reload) has the same keys.
+    --pretrained-weights: a folder holding torchxrayvision's weight file (default its ~/.torchxrayvision cache)."""
+    model_name = "xrv"
+    ARG_NAMES = FoundationEncoder.ARG_NAMES + ("backbone",)
+    config_from_weights_source = False  # the architecture is in code
+
+    def _load(self, folder, pretrained, backbone):
+        xrv = import_torchxrayvision()
+        self.variant = _xrv_variant(backbone)
+        if pretrained:
+            path, _ = _xrv_weight_file(self.variant, folder)
+            if not path.is_file():
+                raise WeightsUnavailableError(f"torchxrayvision weights {path} not found; "
+                                              f"{ENCODERS['xrv']['fetch'].replace('NAME', self.variant)}")
+        if self.variant.startswith("densenet"):
+            net = xrv.models.DenseNet(weights=self.variant if pretrained else None, cache_dir=folder)
+            width = net.classifier.in_features
+            net.classifier, net.op_threshs = nn.Identity(), None
+        else:
+            if pretrained:
+                net = xrv.models.ResNet(weights=self.variant, cache_dir=folder).model
+            else:  # the architecture torchxrayvision builds before loading its file
+                import torchvision
+                net = torchvision.models.resnet50(num_classes=len(xrv.models.model_urls[self.variant]["labels"]),
+                                                  weights=None)
+                net.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            width = net.fc.in_features
+            net.fc = nn.Identity()
+        size = ENCODERS["xrv"]["variants"][self.variant]["size"]
+        # [-1024, 1024] == Normalize(0.5, 1 / 2048) after ToTensor: said so for tools that undo the normalisation
+        cfg = {"img_size": size, "resize_mode": "crop", "resize_size": size, "crop_rounding": "floor",
+               "mean": [0.5], "std": [1 / 2048], "channels": 1, "pipeline": "torchxrayvision",
+               "interpolation": "bilinear"}
+        return net, cfg, width
+
+    def set_grad_checkpointing(self, enable=True):
+        if enable and not self.frozen:
+            raise ValueError("--grad-checkpointing: --model xrv does not support it; drop the flag")
+
+    def _encode(self, x):
+        if self.variant.startswith("densenet"):
+            return self.net.features2(x)  # relu(norm5) -> global average pool
+        m = self.net  # torchxrayvision's ResNet.features, its input already at 512 px
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        return torch.flatten(m.avgpool(x), 1)
+
+    def explain_layer(self):
+        if self.variant.startswith("densenet"):
+            return "features.norm5", self.net.features.norm5, (lambda t: t)
+        return "layer4", self.net.layer4, (lambda t: t)
+
+
+ENCODER_MODELS = {"raddino": RadDinoEncoder, "biomedclip": BiomedCLIPEncoder, "medsiglip": MedSigLIPEncoder,
+                  "xrv": XRayVisionEncoder, "dinov2": DinoV2Encoder, "clip": CLIPEncoder}
+
+
 MODELS = {
     "convnextv2": ConvNeXtV2Embedding,
     "vit": ViTEmbedding,
@@ -756,7 +1329,65 @@ MODELS = {
     "densenet121": DenseNet121Embedding,
     "timm": TimmEmbedding,
     "conceptclip": ConceptCLIPEmbedding,
+    **ENCODER_MODELS,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# The explain demo's model (issue 22): a small conv net fine enough for saliency maps, trained on 2 CPU cores
+# in minutes. Its backbone speaks timm's interface (forward_features, forward_head, feature_info), so it is a
+# TimmEmbedding for explain_layers, linear_gap_head (simcam) and checkpoints.
+
+class _SmallConvNet(nn.Module):
+    """stem (stride 2) + 4 stages (3x3 conv, BatchNorm, ReLU, twice; stride 2, 2, 2, 1): at 128 px the stage
+    maps are 32, 16, 8 and 8 pixels square; plain global average pool as head."""
+
+    def __init__(self, widths=(16, 32, 64, 64), strides=(2, 2, 2, 1)):
+        super().__init__()
+        def block(cin, cout, s):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, s, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stages = nn.Sequential(*[block(a, b, s) for a, b, s in zip((widths[0],) + widths[:-1], widths, strides)])
+        self.num_features = widths[-1]
+        red = [2 * int(np.prod(strides[:i + 1])) for i in range(len(widths))]
+        self.feature_info = [{"module": f"stages.{i}", "num_chs": w, "reduction": r}
+                             for i, (w, r) in enumerate(zip(widths, red))]
+        self.pretrained_cfg = {"architecture": "small_convnet", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+
+    def forward_features(self, x):  # (B, 3, S, S) -> (B, C, S / 16, S / 16)
+        return self.stages(self.stem(x))
+
+    def forward_head(self, f, pre_logits=True):
+        return f.mean(dim=(2, 3))
+
+    def set_grad_checkpointing(self, enable=True):
+        pass  # too small to need it
+
+
+class SmallConvNetEmbedding(TimmEmbedding):
+    """`democnn`: _SmallConvNet -> GAP [-> Linear]: linear on pooled features, so simcam's split is exact."""
+
+    model_name = "democnn"
+    ARG_NAMES = ("embedding_dim", "img_size", "pretrained", "freeze_backbone")
+
+    @classmethod
+    def weight_sources(cls, a):
+        return []  # random init only: nothing to download
+
+    def __init__(self, embedding_dim=None, img_size=128, pretrained=False, freeze_backbone=None):  # no weights exist
+        EmbeddingModel.__init__(self)
+        self.backbone = _SmallConvNet()
+        self.mxa = None
+        self.proj = nn.Linear(self.backbone.num_features, embedding_dim) if embedding_dim else None
+        self.embedding_dim = embedding_dim or self.backbone.num_features
+        mean, std = _timm_norm(self.backbone)
+        self.data_config = {"img_size": img_size, "mean": mean, "std": std, "resize_mode": "crop"}
+        self._finish({"embedding_dim": embedding_dim, "img_size": img_size,
+                      "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
+
+
+MODELS["democnn"] = SmallConvNetEmbedding
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,9 +1454,13 @@ def get_transform(model, train=False, rand_resize=False):
     if cfg is None:  # a fusion head takes saved embeddings, not images
         raise ValueError(f"model '{_unwrap(model).model_name}' is not an image model and has no image transform; "
                          "use an image model's checkpoint (written by train.py)")
+    if cfg.get("pipeline") == "torchxrayvision":  # one channel in [-1024, 1024], torchxrayvision's own crop and resize
+        return XRayVisionTransform(cfg["img_size"], train=train)
+    # resize_size / crop_rounding: read from a foundation encoder's processor (absent: the toolkit's own 1.125 x)
     return build_transform(cfg["img_size"], cfg["mean"], cfg["std"], train=train,
                            rand_resize=rand_resize, resize_mode=cfg["resize_mode"],
-                           interpolation=cfg.get("interpolation", "bilinear"))
+                           interpolation=cfg.get("interpolation", "bilinear"),
+                           resize_size=cfg.get("resize_size"), crop_rounding=cfg.get("crop_rounding", "round"))
 
 
 def get_model_parser():
@@ -835,7 +1470,8 @@ def get_model_parser():
                    help="embedding model (docs/models.md)")
     g.add_argument("--embedding-dim", type=int, default=None,
                    help="output width (default: native width; hybrid_convnext_vit: 1024)")
-    g.add_argument("--backbone", default=None, help="timm model name for --model timm")
+    g.add_argument("--backbone", default=None, help="timm model name for --model timm; torchxrayvision weights for "
+                   "--model xrv (densenet121-res224-all, the default, or resnet50-res512-all)")
     g.add_argument("--convnext-backbone", default=DEFAULT_CONVNEXT,
                    help="timm name of the ConvNeXt (convnextv2, hybrid), e.g. convnextv2_atto")
     g.add_argument("--vit-backbone", default=DEFAULT_VIT,
@@ -846,7 +1482,8 @@ def get_model_parser():
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="random initialisation (no download)")
     g.add_argument("--pretrained-weights", default=None,
-                   help="local timm state dict (.pth/.safetensors) for single-backbone models")
+                   help="local timm state dict (.pth/.safetensors) for single-backbone models; for a foundation "
+                        "encoder a local folder (no network) or a hub id (default: its official id)")
     g.add_argument("--convnext-weights", default=None, help="local ConvNeXt state dict (hybrid)")
     g.add_argument("--vit-weights", default=None, help="local ViT state dict (hybrid)")
     g.add_argument("--conceptclip-path", default=DEFAULT_CONCEPTCLIP,
@@ -855,8 +1492,16 @@ def get_model_parser():
                    help="micro-batch size through the ConceptCLIP tower")
     g.add_argument("--conceptclip-head", action="store_true",
                    help="add a trainable Linear after ConceptCLIP")
+    g.add_argument("--encoder-head", action="store_true",
+                   help="add a trainable Linear after a foundation encoder (--embedding-dim sets its width)")
+    g.add_argument("--encoder-batch-size", type=int, default=8,
+                   help="micro-batch size through a foundation encoder's tower")
     g.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=None,
-                   help="freeze pretrained backbone weights (default: off; on for conceptclip)")
+                   help="freeze pretrained backbone weights (default: off; on for conceptclip and the foundation "
+                        "encoders)")
+    e = p.add_argument_group("foundation encoders (--model NAME: hub id, input, normalisation source, dim, licence; "
+                             "weights: fetch on a networked machine, then --pretrained-weights DIR)",
+                             description=encoders_help())
     return p
 
 
@@ -962,8 +1607,9 @@ def load_checkpoint(path, map_location="cpu", expected_model=None, expected_embe
     if name not in MODELS:
         raise CheckpointError(f"checkpoint {path} holds unknown model '{name}'")
     args = dict(stored, pretrained=False)
+    keep = getattr(MODELS[name], "config_from_weights_source", False)  # foundation encoders: the folder's config
     for k in ("pretrained_weights", "convnext_weights", "vit_weights"):
-        if k in args:
+        if k in args and not (keep and k == "pretrained_weights"):
             args[k] = None  # the checkpoint holds the weights; the original files need not exist
     model = build_model(name, **args)
     if expected_embedding_dim is not None and model.embedding_dim != expected_embedding_dim:
@@ -1071,6 +1717,9 @@ def explain_layers(model):
     if isinstance(model, ConceptCLIPEmbedding):
         _, module, prefix = _conceptclip_explain_layer(model.clip)
         return ExplainSpec([("siglip", module)], lambda t: tokens_to_map(t, prefix))
+    if isinstance(model, FoundationEncoder):  # token grids with their prefix tokens dropped; conv maps as they are
+        _, module, reshape = model.explain_layer()
+        return ExplainSpec([(model.model_name, module)], reshape)
     raise ValueError(f"no explanation layers are known for {type(model).__name__}; use --method sbsm or random")
 
 

@@ -174,9 +174,8 @@ def class_text_embeddings(model, class_names, template=DEFAULT_PROMPT):
     """(C, D) L2-normalised text embeddings of one prompt per class, from a vision-language model.
 
     The interface: `model.encode_text(list_of_prompts) -> (C, D)` in the space of its image embeddings
-    (as CLIP's encode_text). model.py's ConceptCLIP wrapper exposes only the image tower; wiring its text
-    tower needs the processor's tokenizer (processor(text=..., padding=True, truncation=True)) and the remote
-    model's text features (model(**inputs)["text_features"]), and image embeddings without --conceptclip-head.
+    (as CLIP's encode_text). model.py's encoders with a text tower (biomedclip, medsiglip, clip) have it, without
+    a trainable head; the ConceptCLIP wrapper exposes only the image tower (use --text-embeddings for it).
     """
     if not callable(getattr(model, "encode_text", None)):
         raise ValueError(f"--method mcm needs a vision-language model with encode_text(prompts); "
@@ -719,9 +718,11 @@ def inputs_from_files(args):
     if text is not None and text.shape[1] != d:
         raise ValueError(f"--text-embeddings has {text.shape[1]}-d rows but the image embeddings are {d}-d")
     for flag, s in [("--embeddings", queries), ("--train-embeddings", train)]:
-        if args.method == "mcm" and (s.meta.get("model_args") or {}).get("conceptclip_head"):
-            raise ValueError(f"{flag} {s.name} comes from ConceptCLIP with --conceptclip-head: the head moves the "
-                             f"image embeddings out of the text space, so zero-shot mcm does not apply")
+        margs = s.meta.get("model_args") or {}
+        if args.method == "mcm" and (margs.get("conceptclip_head") or margs.get("encoder_head")):
+            raise ValueError(f"{flag} {s.name} comes from {s.meta.get('model_name')} with a trainable head "
+                             f"(--conceptclip-head / --encoder-head): the head moves the image embeddings out of the "
+                             f"text space, so zero-shot mcm does not apply")
     # the model behind each set (embeddings.model_identity: a checkpoint by its hash or path, else name + args);
     # sets whose meta names no model (hand-made arrays) are not compared
     models = {s.name: s.model_identity for s in [train, queries] + ood if s.meta.get("model_name") is not None}

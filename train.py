@@ -718,7 +718,7 @@ def fit(args, device, amp_dtype, model, ckpt, train_set, val_set, test_set, samp
 def has_unused_parameters(model, device):
     """DDP's find_unused_parameters costs a graph walk each step: probe once whether it is needed."""
     size = model.data_config["img_size"]
-    x = torch.randn(2, 3, size, size, device=device)
+    x = torch.randn(2, model.data_config.get("channels", 3), size, size, device=device)  # xrv: 1 channel
     model.eval()  # eval: no BatchNorm statistics updated by the probe
     model(x).sum().backward()
     model.train()
