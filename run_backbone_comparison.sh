@@ -16,6 +16,26 @@
 # image model (e.g. a train_fusion.py head) and pretrained weights missing offline (ConceptCLIP) stop the run.
 # A query's own patient's images are not counted as results (EXCLUDE_SAME_PATIENT=1, the default since issue 19,
 # as in the demo; 0 keeps them).
+# N-way comparison of any number of models: BACKBONES, whitespace-separated entries of three kinds:
+#     NAME:CHECKPOINT   a trained checkpoint (extract_embeddings.py --resume CHECKPOINT); NAME:demo = the demo
+#                       model (DEMO_CKPT, else the newest checkpoints/demo/*/*_best_ckpt.pth, else trained first)
+#     NAME              a registry model: --model NAME plus the flags in ARGS_NAME when set, e.g.
+#                       ARGS_raddino="--pretrained-weights /models/rad-dino"; when ARGS_NAME holds --model or
+#                       --resume itself, NAME is only the label and ARGS_NAME all the model flags
+#     NAME=FLAGS        the extract_embeddings.py model flags inline; flags hold spaces, so separate the entries
+#                       of such a BACKBONES with ';' instead of whitespace
+#   NAME: letters, digits, _ (it names EMB_DIR/NAME.npy and the rows of the table). For example
+#     BACKBONES="hybrid:checkpoints/RUN/RUN_best_ckpt.pth raddino biomedclip xrv conceptclip" \
+#     ARGS_conceptclip="--conceptclip-path /models/ConceptCLIP" DATASET_DIR=... TEST_LIST=... \
+#     bash run_backbone_comparison.sh
+#   and a 4-way comparison on the demo data (the demo model and three untrained tiny encoders at 64 px):
+#     BACKBONES="trained:demo; atto=--model convnextv2 --convnext-backbone convnextv2_atto --no-pretrained \
+#     --img-size 64; r10=--model timm --backbone resnet10t --no-pretrained --img-size 64; tvit=--model timm \
+#     --backbone test_vit --no-pretrained --img-size 64" bash run_backbone_comparison.sh
+#   It runs test_backbone.py --embeddings NAME=EMB_DIR/NAME.npy ... (per-model table with CIs, overlap and
+#   Spearman matrices, paired tests with Holm correction, held-out pair fusions and RRF over all); with a training
+#   list (TRAIN_LIST; the demo's) and LEARNED_FUSION=1 it trains one learned fusion head on FUSION_SUBSET (names;
+#   empty = every entry) and adds its row. Without BACKBONES the two-model comparison below runs as before.
 # Embeddings already in EMB_DIR are reused (REEXTRACT=1 extracts again). Results already in OUT_DIR are never
 # replaced silently: the script stops unless --overwrite (or OVERWRITE=1) is given.
 # Options: -h/--help (this text), --overwrite. Everything else is set through the environment variables below.
@@ -45,6 +65,8 @@ MODEL1_NAME=${MODEL1_NAME:-}
 MODEL2_NAME=${MODEL2_NAME:-}
 MODEL1_ARGS=${MODEL1_ARGS:-}
 MODEL2_ARGS=${MODEL2_ARGS:-}
+BACKBONES=${BACKBONES:-}                        # N-way mode: NAME:CHECKPOINT, NAME (+ ARGS_NAME), NAME=FLAGS entries
+FUSION_SUBSET=${FUSION_SUBSET:-}                # N-way: the BACKBONES names the learned head fuses; empty = all
 OUT_DIR=${OUT_DIR:-results/backbone_comparison}
 EMB_DIR=${EMB_DIR:-$OUT_DIR/embeddings}
 BATCH_SIZE=${BATCH_SIZE:-32}
@@ -53,6 +75,7 @@ WORKERS=${WORKERS:-}                            # empty -> the scripts' default 
 DEVICE=${DEVICE:-}                              # empty -> cuda when available, else cpu
 NPROC=${NPROC:-1}                               # > 1: torchrun --standalone --nproc_per_node=NPROC
 K=${K:-5}
+K_VALUES=${K_VALUES:-1 5 10}                    # N-way: the k of P@k and R@k in the per-model table
 FUSION_ALPHAS=${FUSION_ALPHAS:-0.3 0.5 0.7}
 VISUALIZE_SAMPLES=${VISUALIZE_SAMPLES:-5}
 EXCLUDE_SAME_PATIENT=${EXCLUDE_SAME_PATIENT:-1}    # 1: a query's own patient's images are not results (as the demo); 0: kept
@@ -66,13 +89,61 @@ REEXTRACT=${REEXTRACT:-0}                       # 1: extract embeddings again ev
 [[ "$FORCE" == 1 ]] && OVERWRITE=1
 
 # ----------------------------------------------------------------------------- checks before any work
+# N-way: BACKBONES -> BB_NAMES[i] and BB_FLAGS[i] (extract_embeddings.py model flags); "demo" entries get theirs
+# once the demo checkpoint is known. Bad entries stop here (plain bash, before the interpreter is even tried).
+BB_NAMES=()
+BB_FLAGS=()
+parse_backbones() {
+    local entries=() e name var extra
+    if [[ "$1" == *";"* ]]; then IFS=';' read -r -a entries <<< "$1"; else read -r -a entries <<< "$1"; fi
+    for e in "${entries[@]}"; do
+        e="${e#"${e%%[![:space:]]*}"}"; e="${e%"${e##*[![:space:]]}"}"   # trim
+        [[ -z "$e" ]] && continue
+        if [[ "$e" =~ ^([A-Za-z][A-Za-z0-9_]*)=(.+)$ ]]; then
+            name=${BASH_REMATCH[1]}; BB_FLAGS+=("${BASH_REMATCH[2]}")
+        elif [[ "$e" =~ ^([A-Za-z][A-Za-z0-9_]*):(.+)$ ]]; then
+            name=${BASH_REMATCH[1]}
+            if [[ "${BASH_REMATCH[2]}" == demo ]]; then
+                BB_FLAGS+=(DEMO)
+            else
+                BB_FLAGS+=("--resume ${BASH_REMATCH[2]}")
+            fi
+        elif [[ "$e" =~ ^[A-Za-z][A-Za-z0-9_]*$ ]]; then
+            name=$e; var="ARGS_$e"; extra=${!var:-}
+            if [[ " $extra" == *" --model"* || " $extra" == *" --resume"* ]]; then
+                BB_FLAGS+=("$extra")
+            else
+                BB_FLAGS+=("--model $e${extra:+ $extra}")
+            fi
+        else
+            local hint="entries are NAME:CHECKPOINT, NAME (flags in ARGS_NAME) or NAME=FLAGS; NAME: letters, digits, _"
+            [[ "$e" == -* ]] && hint="an entry with flags (NAME=--model ...) needs ';' between the entries of BACKBONES"
+            echo "error: BACKBONES entry '$e': $hint (see --help)" >&2
+            exit 2
+        fi
+        for other in "${BB_NAMES[@]}"; do
+            if [[ "$other" == "$name" ]]; then
+                echo "error: BACKBONES names '$name' twice; give each entry its own NAME" >&2
+                exit 2
+            fi
+        done
+        BB_NAMES+=("$name")
+    done
+    if [[ ${#BB_NAMES[@]} -lt 2 ]]; then
+        echo "error: BACKBONES='$1' holds ${#BB_NAMES[@]} entry; give two or more models to compare" >&2
+        exit 2
+    fi
+}
+[[ -n "$BACKBONES" ]] && parse_backbones "$BACKBONES"
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     echo "error: the interpreter PYTHON=$PYTHON cannot import torch; point PYTHON at the environment where the" \
          "requirements are installed, e.g. PYTHON=/path/to/venv/bin/python bash $0" >&2
     exit 2
 fi
 EXISTING=()
-for f in backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png; do
+RESULT_FILES=(backbone_comparison_results.json backbone_comparison_results.npz overlap_histogram.png)
+[[ -n "$BACKBONES" ]] && RESULT_FILES=(results.json nway_per_query.npz overlap_matrix.png spearman_matrix.png)
+for f in "${RESULT_FILES[@]}"; do
     [[ -e "$OUT_DIR/$f" ]] && EXISTING+=("$OUT_DIR/$f")
 done
 if [[ ${#EXISTING[@]} -gt 0 && "$OVERWRITE" != 1 ]]; then
@@ -93,7 +164,7 @@ if [[ -z "$DATASET_DIR" ]]; then
     DATASET_DIR=$DEMO_DIR
     TEST_LIST=${TEST_LIST:-$DEMO_DIR/test_split.txt}
     TRAIN_LIST=${TRAIN_LIST:-$DEMO_DIR/train_split.txt}
-    if [[ -z "$MODEL1_ARGS" ]]; then
+    if [[ -z "$MODEL1_ARGS" && -z "$BACKBONES" ]]; then
         if [[ -z "$DEMO_CKPT" ]]; then
             DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
         fi
@@ -112,7 +183,7 @@ else
         echo "error: DATASET_DIR is set but TEST_LIST is not; give the test list file (e.g. \$DATASET_DIR/test_COVIDx4.txt)" >&2
         exit 2
     fi
-    if [[ -z "$MODEL1_ARGS" ]]; then
+    if [[ -z "$MODEL1_ARGS" && -z "$BACKBONES" ]]; then
         if [[ -z "$CONVNEXT_CKPT" ]]; then
             echo "error: set CONVNEXT_CKPT to a trained ConvNeXtV2 checkpoint (train.py --model convnextv2 ...)" \
                  "or MODEL1_ARGS to other extract_embeddings.py model flags" >&2
@@ -154,9 +225,33 @@ for var, flags in zip(sys.argv[1::2], sys.argv[2::2]):
 PY
 )
 MODELS_TO_CHECK=()
-[[ -n "$MODEL1_ARGS" ]] && MODELS_TO_CHECK+=(MODEL1_ARGS "$MODEL1_ARGS")
-MODELS_TO_CHECK+=(MODEL2_ARGS "$MODEL2_ARGS")
-if ! "$PYTHON" -c "$CHECK_MODELS" "${MODELS_TO_CHECK[@]}"; then
+if [[ -n "$BACKBONES" ]]; then
+    for i in "${!BB_NAMES[@]}"; do
+        if [[ "${BB_FLAGS[$i]}" == DEMO ]]; then
+            if [[ "${DEMO_MODE:-0}" != 1 && -z "$DEMO_CKPT" ]]; then
+                echo "error: BACKBONES entry ${BB_NAMES[$i]}:demo needs the demo data (no DATASET_DIR) or DEMO_CKPT" >&2
+                exit 2
+            fi
+            if [[ -z "$DEMO_CKPT" ]]; then
+                DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth 2>/dev/null | head -n 1 || true)
+            fi
+            if [[ -z "$DEMO_CKPT" ]]; then TRAIN_DEMO=1; continue; fi   # trained below, after every check
+            BB_FLAGS[$i]="--resume $DEMO_CKPT"
+        fi
+        MODELS_TO_CHECK+=("BACKBONES entry ${BB_NAMES[$i]}" "${BB_FLAGS[$i]}")
+    done
+    FUSE=(${FUSION_SUBSET:-${BB_NAMES[*]}})
+    for f in "${FUSE[@]}"; do
+        if [[ " ${BB_NAMES[*]} " != *" $f "* ]]; then
+            echo "error: FUSION_SUBSET names '$f', which is not a BACKBONES entry (${BB_NAMES[*]})" >&2
+            exit 2
+        fi
+    done
+else
+    [[ -n "$MODEL1_ARGS" ]] && MODELS_TO_CHECK+=(MODEL1_ARGS "$MODEL1_ARGS")
+    MODELS_TO_CHECK+=(MODEL2_ARGS "$MODEL2_ARGS")
+fi
+if [[ ${#MODELS_TO_CHECK[@]} -gt 0 ]] && ! "$PYTHON" -c "$CHECK_MODELS" "${MODELS_TO_CHECK[@]}"; then
     exit 2
 fi
 
@@ -168,6 +263,7 @@ if [[ "${TRAIN_DEMO:-0}" == 1 ]]; then
     "$PYTHON" train.py --demo --dataset-dir "$DEMO_DIR" --epochs "$DEMO_EPOCHS" --save-dir "$DEMO_SAVE_DIR"
     DEMO_CKPT=$(ls -t "$DEMO_SAVE_DIR"/*/*_best_ckpt.pth | head -n 1)
     MODEL1_ARGS="--resume $DEMO_CKPT"
+    for i in "${!BB_FLAGS[@]}"; do [[ "${BB_FLAGS[$i]}" == DEMO ]] && BB_FLAGS[$i]="--resume $DEMO_CKPT"; done
 fi
 
 # ----------------------------------------------------------------------------- steps 1 and 2: embeddings
@@ -194,6 +290,52 @@ extract() {  # extract NAME "MODEL FLAGS" [extra flags: another list]
     echo "== extracting $1: ${flags[*]}"
     "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" "${extra[@]}" --output "$out"
 }
+if [[ -n "$BACKBONES" ]]; then
+    # ----------------------------------------------------------------------------- N-way: every entry, then compare
+    for i in "${!BB_NAMES[@]}"; do extract "${BB_NAMES[$i]}" "${BB_FLAGS[$i]}"; done
+    LEARNED=()
+    if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
+        TRAIN_IMG_DIR=$DATASET_DIR
+        [[ -d "$DATASET_DIR/train" ]] && TRAIN_IMG_DIR=$DATASET_DIR/train
+        TRAIN_SETS=()
+        TEST_SETS=()
+        for f in "${FUSE[@]}"; do
+            for i in "${!BB_NAMES[@]}"; do
+                [[ "${BB_NAMES[$i]}" == "$f" ]] && extract "train_$f" "${BB_FLAGS[$i]}" \
+                    --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
+            done
+            TRAIN_SETS+=("$EMB_DIR/train_$f.npy")
+            TEST_SETS+=("$EMB_DIR/$f.npy")
+        done
+        SUBSET_TAG=$(IFS=+; echo "${FUSE[*]}")
+        echo "== training the $FUSION_HEAD fusion head on the training list's embeddings of $SUBSET_TAG"
+        FUSION_DIR=$OUT_DIR/fusion
+        FUSION_FLAGS=(--seed "$SEED" --device cpu)
+        [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
+        "$PYTHON" train_fusion.py --embeddings "${TRAIN_SETS[@]}" --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" \
+            --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"
+        CKPT=$(ls -t "$FUSION_DIR"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
+        # the fused set belongs to this run (its subset and head), not to the shared EMB_DIR
+        "$PYTHON" train_fusion.py --apply "$CKPT" --embeddings "${TEST_SETS[@]}" --output "$FUSION_DIR/fused.npy" \
+            "${FUSION_FLAGS[@]}"
+        LEARNED=(--learned-embeddings "$FUSION_DIR/fused.npy"
+                 --learned-name "Learned $FUSION_HEAD fusion ($SUBSET_TAG)")
+    fi
+    read -r -a ALPHAS <<< "$FUSION_ALPHAS"
+    read -r -a KS <<< "$K_VALUES"
+    CMP=(--embeddings)
+    for n in "${BB_NAMES[@]}"; do CMP+=("$n=$EMB_DIR/$n.npy"); done
+    CMP+=(--save-dir "$OUT_DIR" --k "$K" --k-values "${KS[@]}" --fusion-alphas "${ALPHAS[@]}" --seed "$SEED"
+         "${LEARNED[@]}")
+    [[ "$OVERWRITE" == 1 ]] && CMP+=(--overwrite)
+    [[ "$EXCLUDE_SAME_PATIENT" == 1 ]] && CMP+=(--exclude-same-patient)
+    echo "== comparing ${BB_NAMES[*]}"
+    "$PYTHON" test_backbone.py "${CMP[@]}"
+    echo
+    echo "Results: $OUT_DIR/results.json (everything), nway_per_query.npz (per query), overlap_matrix.png,"
+    echo "         spearman_matrix.png; embeddings in $EMB_DIR/"
+    exit 0
+fi
 extract model1 "$MODEL1_ARGS"
 extract model2 "$MODEL2_ARGS"
 

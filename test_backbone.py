@@ -1,5 +1,34 @@
-"""Compare two backbones from saved embeddings: do they retrieve differently enough that fusing them helps?
+"""Compare backbones from saved embeddings: which retrieves best, and do they differ enough that fusing them helps?
 
+N-way mode (any number of sets, issue 21): --embeddings NAME=PATH NAME=PATH ... (PATH = an embedding set's X.npy;
+its labels, ids and meta found by embeddings.load). All sets are matched to the first by image id and class name
+(embeddings.align; another order is fine), and a set of other images (other ids, another count) is refused before
+any work naming both sets. Leave-one-out over all images (self excluded by index; --exclude-same-patient drops the
+query's patient too), it prints and writes to --save-dir:
+  * per model: P@k for --k-values (precision at k as in Denner et al. 2025 = share of the top k with the query's
+    label; the same number as the toolkit's mP@k, so it is computed once, by metrics.precision_at_k), R@k, mAP@k,
+    mAP, MAP@R (metrics.rank, metrics.py definitions), each with a 95% bootstrap CI over queries;
+  * mean overlap@k and mean Spearman rho for every pair (compare_embeddings, as the two-model mode), printed as
+    matrices and drawn as labelled heatmaps with the value in each cell: overlap_matrix.png, spearman_matrix.png;
+  * every pair of models: paired difference of AP@k over all queries, bootstrap 95% CI and sign-flip p
+    (metrics.paired_comparison; whole patients resampled when patient ids exist), p corrected by Holm's
+    step-down over the pairs (--correction holm|bonferroni|none);
+  * held-out fusion: for every pair, alpha chosen on a seeded half of the queries (heldout_alpha, the same half
+    for every pair) and scored on the other half; reciprocal rank fusion over ALL sets (score = sum over sets of
+    1/(--rrf-k + rank), rrf_k 60 as Cormack et al. 2009); an optional --learned-embeddings set (train_fusion.py
+    --apply of any subset); each fusion against the better of its inputs on the held-out half, Holm-corrected
+    over the fusions;
+  * results.json (everything above) and nway_per_query.npz (per-query scores, model x query arrays).
+  python test_backbone.py --embeddings hybrid=emb/hybrid.npy raddino=emb/raddino.npy biomedclip=emb/biomedclip.npy \
+      xrv=emb/xrv.npy --exclude-same-patient --save-dir results/nway
+  # learned fusion of any subset: train_fusion.py takes two or more sets (training list), --apply on the test sets
+  python train_fusion.py --embeddings emb/train_raddino.npy emb/train_biomedclip.npy emb/train_xrv.npy --head mlp \
+      --save-dir checkpoints/fusion
+  python train_fusion.py --apply checkpoints/fusion/RUN/RUN_best_ckpt.pth \
+      --embeddings emb/raddino.npy emb/biomedclip.npy emb/xrv.npy --output emb/fused.npy
+  python test_backbone.py --embeddings ... --learned-embeddings emb/fused.npy --learned-name "mlp(3 models)"
+
+Two-model mode (--model1-embeddings / --model2-embeddings, unchanged):
 Reads two embedding sets of the same images (as written by extract_embeddings.py, through embeddings.load; rows
 matched by image id and classes by name, so the files may be ordered differently; the dimensions may differ)
 and reports, leave-one-out over all images (each image is a query against all others,
@@ -52,12 +81,17 @@ CHUNK_ROWS = 512  # query rows per block of the comparison's own similarity rows
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Compare two backbones from saved embeddings", add_help=True,
+    p = argparse.ArgumentParser(description="Compare two or more backbones from saved embeddings", add_help=True,
                                 formatter_class=HelpFormatter, parents=[get_runtime_parser(flags=("chunk_size",))])
-    p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", required=True,
-                   help="N x D1 .npy of model 1 (old name --convnext-embeddings)")
-    p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", required=True,
-                   help="N x D2 .npy of model 2, the same images (matched by id; old name --conceptclip-embeddings)")
+    p.add_argument("--embeddings", nargs="+", default=None, metavar="NAME=PATH",
+                   help="N-way mode: any number (>= 2) of embedding sets of the same images, each NAME=X.npy "
+                        "(NAME labels its rows; files beside X.npy found by embeddings.load); replaces "
+                        "--model1-embeddings / --model2-embeddings")
+    p.add_argument("--model1-embeddings", "--convnext-embeddings", dest="model1_embeddings", default=None,
+                   help="two-model mode: N x D1 .npy of model 1 (old name --convnext-embeddings)")
+    p.add_argument("--model2-embeddings", "--conceptclip-embeddings", dest="model2_embeddings", default=None,
+                   help="two-model mode: N x D2 .npy of model 2, the same images (matched by id; old name "
+                        "--conceptclip-embeddings)")
     p.add_argument("--model1-name", default=None,
                    help="name of model 1 in the table, json and figures; None: the model (and backbone) in "
                         "meta file beside the set, else the file name")
@@ -95,6 +129,14 @@ def get_args_parser():
     p.add_argument("--hierarchy", default=None,
                    help="class tree ('child parent' lines, leaves = class names) for AHD@k, MS@k, hP@k per model, "
                         "e.g. data/ontology/covidx_hierarchy.txt; None: not computed")
+    p.add_argument("--k-values", type=int, nargs="+", default=[1, 5, 10],
+                   help="N-way mode: the k of P@k (Denner et al. 2025) and R@k in the per-model table")
+    p.add_argument("--correction", choices=("holm", "bonferroni", "none"), default="holm",
+                   help="N-way mode: multiple-comparison correction of the paired p-values, within each family "
+                        "(model pairs; fusions against their better input)")
+    p.add_argument("--rrf-k", type=int, default=RRF_K,
+                   help="constant of reciprocal rank fusion, score = sum over models of 1/(rrf_k + rank) "
+                        "(Cormack et al. 2009)")
     p.add_argument("--hierarchy-distance", default="lca-height", choices=metrics.HIERARCHY_DISTANCES,
                    help="h(a, b) of AHD/MS/hP: the height of the lowest common ancestor (Bertinetto et al. 2020) "
                         "or half the tree path between the classes; they differ on unbalanced trees (metrics.py)")
@@ -248,6 +290,8 @@ def check_args(args, n, labels, patient_ids=None):
         if args.k > cand.min():
             raise ValueError(f"--k {args.k} with --exclude-same-patient: query {int(np.argmin(cand))} has only "
                              f"{int(cand.min())} images of other patients; use a smaller --k")
+    if args.rrf_k < 1:
+        raise ValueError(f"--rrf-k {args.rrf_k}: must be >= 1 (60 in Cormack et al. 2009)")
     bad = [a for a in args.fusion_alphas if not 0.0 <= a <= 1.0]
     if bad:
         raise ValueError(f"--fusion-alphas {bad}: each alpha must lie in [0, 1]")
@@ -296,9 +340,9 @@ def rowwise_pearson(a, b):
         return (a * b).sum(1) / den
 
 
-def rrf_scores(rank1, rank2):
-    """Reciprocal rank fusion of two rank arrays (1 = best): 1/(RRF_K + rank1) + 1/(RRF_K + rank2)."""
-    return 1.0 / (RRF_K + rank1) + 1.0 / (RRF_K + rank2)
+def rrf_scores(*ranks, k=RRF_K):
+    """Reciprocal rank fusion of any number of rank arrays (1 = best): sum of 1/(k + rank)."""
+    return sum(1.0 / (k + r) for r in ranks)
 
 
 def _fast_ranks(s):
@@ -313,7 +357,24 @@ def _fast_ranks(s):
     return ranks, (v[:, 1:] == v[:, :-1]).any(1)
 
 
-def _spearman_and_rrf(s1, s2, self_col):
+def _ranks_with_ties(s):
+    """(ordinal int32 ranks (c, n), indices of the rows holding ties, their average ranks (float64)): the
+    cheap ranks everywhere, scipy's average ranks only where a row has equal values."""
+    ranks, tied_rows = _fast_ranks(s)
+    tied = np.flatnonzero(tied_rows)
+    return ranks, tied, descending_ranks(s[tied]) if len(tied) else None
+
+
+def rrf_ranks(s):
+    """Float32 descending ranks of each row of s (c, n) for RRF: average ranks on tied rows (as scipy)."""
+    ranks, tied, avg = _ranks_with_ties(s)
+    out = ranks.astype(np.float32)
+    if len(tied):
+        out[tied] = avg
+    return out
+
+
+def _spearman_and_rrf(s1, s2, self_col, rrf_k=RRF_K):
     """Per row: Spearman rho of s1 and s2 over all columns but self_col, and RRF scores (c, n) float32.
 
     Self is set to -inf so it ranks last in both rows: the other n - 1 images get ranks 1..n-1, exactly their
@@ -325,19 +386,22 @@ def _spearman_and_rrf(s1, s2, self_col):
     ar = np.arange(c)
     s1, s2 = s1.copy(), s2.copy()
     s1[ar, self_col] = s2[ar, self_col] = -np.inf
-    (r1, t1), (r2, t2) = _fast_ranks(s1), _fast_ranks(s2)
+    (r1, t1, a1), (r2, t2, a2) = _ranks_with_ties(s1), _ranks_with_ties(s2)
     d = (r1 - r2).astype(np.int64)
     m = n - 1
     rho = 1.0 - 6.0 * np.einsum("ij,ij->i", d, d) / (m * (m * m - 1.0))
     f1, f2 = r1.astype(np.float32), r2.astype(np.float32)
-    tied = np.flatnonzero(t1 | t2)
+    if len(t1):
+        f1[t1] = a1
+    if len(t2):
+        f2[t2] = a2
+    tied = np.union1d(t1, t2)  # a row tied in one model needs average ranks in both for rho
     if len(tied):
-        a1, a2 = descending_ranks(s1[tied]), descending_ranks(s2[tied])
-        f1[tied], f2[tied] = a1, a2
         keep = np.ones((len(tied), n), bool)
         keep[np.arange(len(tied)), self_col[tied]] = False
-        rho[tied] = rowwise_pearson(a1[keep].reshape(-1, m), a2[keep].reshape(-1, m))
-    return rho, rrf_scores(f1, f2)
+        rho[tied] = rowwise_pearson(f1[tied][keep].reshape(-1, m).astype(np.float64),
+                                    f2[tied][keep].reshape(-1, m).astype(np.float64))
+    return rho, rrf_scores(f1, f2, k=rrf_k)
 
 
 def zscore_rows(s, self_col):
@@ -352,7 +416,7 @@ def zscore_rows(s, self_col):
 
 
 def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=None, chunk_size=None,
-                       progress=True):
+                       progress=True, rankings=None, rrf_k=RRF_K):
     """All pairwise quantities, chunked over query rows so memory grows with chunk_size x N, never N x N.
 
     e1 (N, D1), e2 (N, D2): float32 unit rows of the same images; labels (N,) int; patient_ids given ->
@@ -360,6 +424,8 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
     each model, AP@k / R@1 / full-ranking AP of each model (metrics.rank), overlap@k, Spearman rho, and AP@k of
     every fusion (linear and z-score per alpha, RRF; metrics.topk_from_similarity on the fused rows). One tie
     rule throughout (metrics.py). chunk_size None: CHUNK_ROWS rows here, metrics.rank's own default there.
+    rankings: the two models' full metrics.rank results at any k >= k, computed once by the caller (the N-way
+    mode compares each model with several others); None: ranked here.
     """
     n = len(labels)
     t1, t2 = torch.from_numpy(np.ascontiguousarray(e1)), torch.from_numpy(np.ascontiguousarray(e2))
@@ -369,9 +435,9 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
         pid = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1].reshape(-1)
     na = len(alphas)
     out = {"rho": np.empty(n), "fusion": np.empty((na, n)), "zscore": np.empty((na, n)), "rrf": np.empty(n)}
-    for key, e in (("1", e1), ("2", e2)):  # each model alone: metrics.rank
-        r = _ranking(e, lab, k, patient_ids, chunk_size, full_ranking=True)
-        out["top" + key], out["fullap" + key] = r.indices, r.ap
+    rankings = rankings or [_ranking(e, lab, k, patient_ids, chunk_size, full_ranking=True) for e in (e1, e2)]
+    for key, r in zip(("1", "2"), rankings):  # each model alone: metrics.rank (top-k of a longer list = top-k)
+        out["top" + key], out["fullap" + key] = r.indices[:, :k], r.ap
         out["ap" + key], out["r1_" + key] = metrics.map_at_k(r.relevant, k), metrics.recall_at_k(r.relevant, 1)
     step = chunk_size or CHUNK_ROWS
     for r0 in tqdm(range(0, n, step), desc="comparing", unit="chunk", disable=not progress):
@@ -390,7 +456,7 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
             return idx, np.take_along_axis(relevant, idx, axis=1)
 
         # Spearman and RRF ranks are over all other images (self excluded), whatever the patient exclusion.
-        out["rho"][sl], rrf = _spearman_and_rrf(s1, s2, rows)
+        out["rho"][sl], rrf = _spearman_and_rrf(s1, s2, rows, rrf_k)
         out["rrf"][sl] = metrics.map_at_k(topk_rel(rrf)[1], k)
         z1, z2 = zscore_rows(s1, rows), zscore_rows(s2, rows)
         for a, alpha in enumerate(alphas):
@@ -566,9 +632,379 @@ def plot_query(q, e1, e2, top1, top2, labels, image_ids, class_names, names, fin
     save_figure(fig, path, dpi=80)
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- N-way mode (--embeddings NAME=PATH ...)
+
+NWAY_RESULT_FILES = ("results.json", "nway_per_query.npz", "overlap_matrix.png", "spearman_matrix.png")
+TWO_MODEL_ONLY = ("model1_name", "model2_name", "image_dir", "image_list", "hierarchy")  # not in the N-way mode
+
+
+def parse_named_sets(items):
+    """[(name, path)] from NAME=PATH strings; ValueError before any work on a missing '=', an empty part, a name
+    or a file given twice, or fewer than two sets."""
+    pairs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--embeddings {item!r}: expected NAME=PATH (e.g. raddino=emb/raddino.npy)")
+        pairs.append((name.strip(), path.strip()))
+    names = [n for n, _ in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--embeddings: the name(s) {dup} are given twice ({' '.join(items)}); give each set its "
+                         f"own NAME")
+    files = [str(Path(p).resolve()) for _, p in pairs]
+    twice = sorted({p for p, f in zip((p for _, p in pairs), files) if files.count(f) > 1})
+    if twice:
+        raise ValueError(f"--embeddings: the file(s) {twice} are given twice; each set is one model")
+    if len(pairs) < 2:
+        raise ValueError(f"--embeddings: give two or more NAME=PATH sets to compare, got {len(pairs)}")
+    return pairs
+
+
+def load_named_sets(args):
+    """Every set through embeddings.load (each checked), then all in the FIRST set's image order and class
+    numbering (embeddings.align: rows matched by image id, classes by name); all before any work. A set from
+    another image list (other ids or another count) is refused naming both sets. --labels / --image-ids /
+    --patient-ids replace the first set's files. Returns (names, [EmbeddingSet])."""
+    pairs = parse_named_sets(args.embeddings)
+    sets = [embeddings.load(p, required=(), flag=f"--embeddings {n}=",
+                            **({"labels": args.labels, "image_ids": args.image_ids, "patient_ids": args.patient_ids}
+                               if i == 0 else {})) for i, (n, p) in enumerate(pairs)]
+    first, (name0, _) = sets[0], pairs[0]
+    files = embeddings.sidecar_paths(first.path)
+    if first.labels is None:
+        raise ValueError(f"labels file {files['labels']} not found (set {name0}); pass --labels L.npy")
+    if first.patient_ids is None and args.exclude_same_patient:
+        raise ValueError(f"patient ids file {files['patient_ids']} not found (set {name0}); --exclude-same-patient "
+                         f"needs --patient-ids P.npy")
+    # a set without image ids is matched by position (as the two-model mode): it takes the first ids found
+    ids = next((s.image_ids for s in sets if s.image_ids is not None), np.arange(first.n).astype(str))
+    out = []
+    for (name, _), s in zip(pairs, sets):
+        if s.n != first.n:
+            raise ValueError(f"--embeddings {name} ({s.path}, {s.n} images) and {name0} ({first.path}, {first.n} "
+                             f"images) are not of the same image list; extract every set from the same list")
+        s = s if s.image_ids is not None else replace(s, image_ids=ids)
+        if s is not first and s.labels is None and s.class_names is None:
+            s = replace(s, class_names=first.class_names)
+        try:
+            out.append(s if not out else embeddings.align(out[0], s))
+        except ValueError as e:  # align names both files; say which NAMEs they are
+            raise ValueError(f"--embeddings {name} vs {name0}: {e}") from e
+    args._class_names_from_meta = out[0].class_names
+    return [n for n, _ in pairs], out
+
+
+def adjust_pvalues(p, method="holm"):
+    """Family-wise corrected p-values (in the input order): Bonferroni min(1, m p); Holm's step-down
+    (Holm 1979): sort ascending, p_(i) * (m - i + 1), running maximum, capped at 1. NaN (no test) stays NaN
+    and does not count in m."""
+    p = np.asarray(p, dtype=np.float64)
+    out = p.copy()
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    if method == "none" or m == 0:
+        return out
+    if method == "bonferroni":
+        out[ok] = np.minimum(1.0, p[ok] * m)
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out[order] = np.minimum(1.0, stepped)
+    return out
+
+
+def per_model_scores(ranking, k, k_values):
+    """Per-query scores of one model from its metrics.rank result (metrics.py definitions, nothing recomputed
+    here): P@k for each k (= the toolkit's mP@k), R@k, AP@k (mAP@k), full-ranking AP and MAP@R (NaN for a query
+    without a relevant image)."""
+    rel = ranking.relevant
+    out = {f"P@{j}": metrics.precision_at_k(rel, j) for j in k_values}
+    out.update({f"R@{j}": metrics.recall_at_k(rel, j) for j in k_values if j > 1})  # R@1 = P@1
+    out[f"mAP@{k}"] = metrics.map_at_k(rel, k)
+    out["mAP"], out["MAP@R"] = ranking.ap, ranking.map_at_r
+    return out
+
+
+def summarise(scores, n_boot, seed):
+    """{metric: {"mean", "ci95"}}: mean over the queries where it is defined, percentile bootstrap over those
+    queries (metrics.bootstrap_ci; None without --bootstrap or without any defined query)."""
+    out = {}
+    for key, v in scores.items():
+        v = v[~np.isnan(v)]
+        out[key] = {"mean": float(v.mean()) if len(v) else None,
+                    "ci95": metrics.bootstrap_ci(v, n_boot, seed) if len(v) else None}
+    return out
+
+
+def rrf_all(es, labels, k, patient_ids=None, chunk_size=None, rrf_k=RRF_K):
+    """Per-query AP@k of reciprocal rank fusion over every set: score = sum_m 1/(rrf_k + rank_m), each rank over
+    all other images (self last, average ranks on ties), as the two-model RRF; the query's patient removed from
+    the fused top-k when patient_ids are given. Chunked over query rows: memory c x N per set."""
+    n = len(labels)
+    lab = np.asarray(labels, dtype=np.int64)
+    pid = None if patient_ids is None else np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1]
+    ts = [torch.from_numpy(np.ascontiguousarray(e)) for e in es]
+    out = np.empty(n)
+    step = chunk_size or CHUNK_ROWS
+    for r0 in range(0, n, step):
+        rows = np.arange(r0, min(n, r0 + step))
+        ar = np.arange(len(rows))
+        fused = np.zeros((len(rows), n), np.float32)
+        for t in ts:
+            with torch.no_grad():
+                s = (t[rows] @ t.T).numpy()
+            s[ar, rows] = -np.inf  # self ranks last in every set
+            fused += rrf_scores(rrf_ranks(s), k=rrf_k)
+        exclude = np.zeros((len(rows), n), bool)
+        exclude[ar, rows] = True
+        if pid is not None:
+            exclude |= pid[rows][:, None] == pid[None, :]
+        idx = metrics.topk_from_similarity(fused, k, exclude_mask=exclude)
+        out[rows] = metrics.map_at_k(lab[idx] == lab[rows][:, None], k)
+    return out
+
+
+def compare_all(es, names, labels, k, kmax, alphas, patient_ids, chunk_size, rrf_k):
+    """Each model ranked once (metrics.rank at kmax), then every pair through compare_embeddings (overlap@k,
+    Spearman, the fusions at each alpha), and RRF over all sets. Returns (rankings, {(i, j): pair dict}, rrf)."""
+    lab = np.asarray(labels, dtype=np.int64)
+    rankings = [_ranking(e, lab, kmax, patient_ids, chunk_size, full_ranking=True) for e in es]
+    pairs = {}
+    for i in range(len(es)):
+        for j in range(i + 1, len(es)):
+            pairs[i, j] = compare_embeddings(es[i], es[j], lab, k, alphas, patient_ids, chunk_size, progress=False,
+                                             rankings=(rankings[i], rankings[j]), rrf_k=rrf_k)
+            print(f"  pair {names[i]} / {names[j]} done")
+    return rankings, pairs, rrf_all(es, lab, k, patient_ids, chunk_size, rrf_k)
+
+
+def pair_matrix(pairs, n_models, key, diagonal):
+    """Symmetric (M, M) matrix of the mean of pairs[i, j][key] (NaN rows left out); `diagonal` on the diagonal."""
+    m = np.full((n_models, n_models), float(diagonal))
+    for (i, j), r in pairs.items():
+        v = np.asarray(r[key], dtype=np.float64)
+        m[i, j] = m[j, i] = float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+    return m
+
+
+def plot_matrix(mat, names, title, path, fmt="{:.2f}", vmin=None, vmax=None):
+    """A labelled heatmap with the number written in each cell (white on dark cells)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 * m + 3, 1.0 * m + 2))
+    im = ax.imshow(mat, cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(m), names, rotation=35, ha="right")
+    ax.set_yticks(range(m), names)
+    for i in range(m):
+        for j in range(m):
+            v = mat[i, j]
+            dark = np.isfinite(v) and im.norm(v) < 0.6  # viridis is dark below about 60% of its range
+            ax.text(j, i, "n/a" if not np.isfinite(v) else fmt.format(v), ha="center", va="center",
+                    color="white" if dark else "black", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def print_model_table(names, summaries, columns, note):
+    """One row of means per model, the 95% CI under it."""
+    w = max(len(n) for n in names + ["Model"]) + 2
+    print(f"\n{note}")
+    print(f"{'Model':<{w}}|" + "".join(f"{c:>12}" for c in columns))
+    print("-" * (w + 1 + 12 * len(columns)))
+    for name, s in zip(names, summaries):
+        vals = [s[c]["mean"] for c in columns]
+        cis = [s[c]["ci95"] for c in columns]
+        print(f"{name:<{w}}|" + "".join(f"{'n/a' if v is None else f'{v:.4f}':>12}" for v in vals))
+        if any(ci is not None for ci in cis):
+            print(f"{'':<{w}}|" + "".join(f"{'' if ci is None else f'[{ci[0]:.2f},{ci[1]:.2f}]':>12}" for ci in cis))
+
+
+def print_matrix(mat, names, title, fmt):
+    w = max(len(n) for n in names) + 2
+    print(f"\n{title}")
+    print(f"{'':<{w}}" + "".join(f"{n[:10]:>11}" for n in names))
+    for name, row in zip(names, mat):
+        print(f"{name:<{w}}" + "".join(f"{'n/a' if not np.isfinite(v) else fmt.format(v):>11}" for v in row))
+
+
+def print_tests(tests, key, title, correction):
+    """Paired differences with CI, p and the corrected p; '*' where the corrected p < 0.05."""
+    if not tests:
+        return
+    w = max(len(f"{x['a']} - {x['b']}") for x in tests) + 2
+    print(f"\n{title}")
+    print(f"{'':<{w}}{'diff ' + key:>14}  {'95% CI':>18}  {'p':>7}  {'p_' + correction:>13}")
+    for x in tests:
+        p, pa = ("n/a" if v is None or not np.isfinite(v) else f"{v:.4f}" for v in (x["p"], x["p_adjusted"]))
+        print(f"{x['a'] + ' - ' + x['b']:<{w}}{x['diff']:>+14.4f}  [{x['ci'][0]:+.4f}, {x['ci'][1]:+.4f}]  {p:>7}  "
+              f"{pa:>13}" + ("  *" if x["significant_adjusted"] else ""))
+
+
+def with_adjusted(tests, correction):
+    """Each test dict with p_adjusted (the family's correction) and significant_adjusted (p_adjusted < 0.05)."""
+    adj = adjust_pvalues([np.nan if t["p"] is None else t["p"] for t in tests], correction)
+    return [dict(t, p=None if t["p"] is None or not np.isfinite(t["p"]) else float(t["p"]),  # JSON has no NaN
+                 p_adjusted=None if not np.isfinite(a) else float(a),
+                 significant_adjusted=bool(np.isfinite(a) and a < 0.05)) for t, a in zip(tests, adj)]
+
+
+def run_nway(args):
+    """--embeddings NAME=PATH ...: every check before any work, then the per-model table, the pair matrices,
+    the paired tests, the fusions on held-out queries, results.json and the heatmaps."""
+    given = [f"--{f.replace('_', '-')}" for f in TWO_MODEL_ONLY if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: two-model flags; the N-way mode (--embeddings) names each set by "
+                         f"its NAME and draws no query figures or hierarchy metrics: drop them")
+    print_args(args)
+    names, sets = load_named_sets(args)
+    es = [_normalise(s.embeddings, s.path) for s in sets]
+    first = sets[0]
+    labels, image_ids, patient_ids = first.labels, first.image_ids, first.patient_ids
+    n, k = len(labels), args.k
+    class_names = check_args(args, n, labels, patient_ids)
+    k_values = sorted(set(args.k_values))
+    kmax = max(k_values + [k])
+    groups_excl = patient_ids if args.exclude_same_patient else None
+    cand, _ = metrics.candidate_counts(labels, query_groups=groups_excl, exclude_same_group=groups_excl is not None)
+    if k_values[0] < 1 or kmax > cand.min():
+        raise ValueError(f"--k-values {args.k_values} / --k {k}: each must be between 1 and {int(cand.min())} "
+                         f"(the fewest images a query can retrieve here); pass smaller --k-values")
+    if args.learned_embeddings and args.learned_name in names:
+        raise ValueError(f"--learned-name {args.learned_name!r} is also a set's NAME; give another")
+    e_learned = load_learned(args, first) if args.learned_embeddings else None
+    save_dir = ensure_writable_dir(args.save_dir, "--save-dir")
+    existing = [str(save_dir / f) for f in NWAY_RESULT_FILES if (save_dir / f).exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"--save-dir {save_dir} already holds results ({', '.join(existing)}); "
+                         f"choose another --save-dir or pass --overwrite")
+    alphas = [float(a) for a in args.fusion_alphas]
+    print(f"{n} queries, leave-one-out; {len(names)} sets: "
+          + ", ".join(f"{nm} D={e.shape[1]}" for nm, e in zip(names, es)) + f"; k={k}"
+          + (", excluding same-patient images" if args.exclude_same_patient else ""))
+
+    t0 = time.time()
+    rankings, pairs, rrf = compare_all(es, names, labels, k, kmax, alphas, groups_excl, args.chunk_size, args.rrf_k)
+    per_query = [per_model_scores(r, k, k_values) for r in rankings]
+    summaries = [summarise(s, args.bootstrap, args.seed) for s in per_query]
+    print(f"computed in {time.time() - t0:.1f} s")
+    key = f"mAP@{k}"
+
+    # 1. per-model table, all queries
+    columns = [f"P@{j}" for j in k_values] + [f"R@{j}" for j in k_values if j > 1] + [key, "mAP", "MAP@R"]
+    note = (f"all {n} queries; P@k as in Denner et al. 2025 = share of the top k with the query's label = the "
+            f"toolkit's mP@k (P@1 = R@1); mAP@k, mAP (full ranking), MAP@R as in metrics.py; under each row the "
+            + (f"95% bootstrap CI over queries ({args.bootstrap} resamples)" if args.bootstrap
+               else "no CI (--bootstrap 0)"))
+    print_model_table(names, summaries, columns, note)
+    # 2. pair matrices
+    overlap, rho = pair_matrix(pairs, len(names), "overlap", k), pair_matrix(pairs, len(names), "rho", 1.0)
+    print_matrix(overlap, names, f"mean overlap@{k} (images shared by the two top-{k} lists; diagonal = {k})", "{:.2f}")
+    print_matrix(rho, names, "mean Spearman rho of the two similarity rows over all other images", "{:.3f}")
+    # 3. paired tests of the models, all queries: AP@k per query; whole patients resampled when ids exist
+    groups = patient_ids
+    model_tests = with_adjusted(metrics.paired_comparison(
+        {nm: s[key] for nm, s in zip(names, per_query)}, groups, args.bootstrap, args.permutations, args.seed),
+        args.correction)
+    unit = "patients" if groups is not None else "queries"
+    print_tests(model_tests, key, f"paired differences of {key}, all {n} queries (bootstrap 95% CI and sign-flip p "
+                f"over {unit}; {args.correction} correction over the {len(model_tests)} pairs; * = corrected p < 0.05)",
+                args.correction)
+    # 4. fusions on held-out queries: alpha chosen on a seeded half (the same half for every pair), scored on the
+    #    other; each fusion against the better of its inputs there, RRF over all against the best model there
+    _, _, select, evaluate = heldout_alpha(next(iter(pairs.values()))["fusion"], alphas, args.seed)
+    g_eval = None if groups is None else groups[evaluate]
+    heldout = {nm: s[key][evaluate] for nm, s in zip(names, per_query)}
+    fusion_rows, fusion_tests = [], []
+    for (i, j), r in pairs.items():
+        alpha, h_map, _, _ = heldout_alpha(r["fusion"], alphas, args.seed)
+        row = f"{names[i]}+{names[j]} a={alpha:g}"
+        heldout[row] = r["fusion"][alphas.index(alpha)][evaluate]
+        better = max((names[i], names[j]), key=lambda m: heldout[m].mean())
+        fusion_rows.append({"models": [names[i], names[j]], "alpha": alpha, "name": row, key: float(h_map),
+                            "better_input": better})
+    rrf_name = f"RRF all (k={args.rrf_k})"
+    heldout[rrf_name] = rrf[evaluate]
+    fusion_rows.append({"models": list(names), "name": rrf_name, key: float(rrf[evaluate].mean()),
+                        "better_input": max(names, key=lambda m: heldout[m].mean())})
+    if e_learned is not None:
+        learned = single_model_scores(e_learned, labels, k, groups_excl, args.chunk_size)
+        heldout[args.learned_name] = learned[0][evaluate]
+        fusion_rows.append({"models": "see the set's meta (train_fusion.py --apply)", "name": args.learned_name,
+                            key: float(learned[0][evaluate].mean()),
+                            "better_input": max(names, key=lambda m: heldout[m].mean())})
+    for f in fusion_rows:
+        fusion_tests += metrics.paired_comparison({f["name"]: heldout[f["name"]], f["better_input"]:
+                                                   heldout[f["better_input"]]}, g_eval, args.bootstrap,
+                                                  args.permutations, args.seed)
+    fusion_tests = with_adjusted(fusion_tests, args.correction)
+    w = max(len(m) for m in heldout) + 2
+    print(f"\nheld-out: fusion alphas chosen on {len(select)} queries; every row below on the other {len(evaluate)}")
+    print(f"{'Method':<{w}}| {key:>8}")
+    print("-" * (w + 11))
+    for m, v in heldout.items():
+        print(f"{m:<{w}}| {v.mean():>8.4f}")
+    print_tests(fusion_tests, key, f"each fusion minus the better of its inputs on these {len(evaluate)} queries "
+                f"(over {unit}; {args.correction} correction over the {len(fusion_tests)} fusions; * = corrected "
+                f"p < 0.05)", args.correction)
+
+    per_pair = [{"a": names[i], "b": names[j], "mean_overlap": float(overlap[i, j]),
+                 "pct_low_overlap": float((r["overlap"] <= k // 2).mean()), "mean_spearman": float(rho[i, j]),
+                 "std_spearman": float(np.nanstd(r["rho"])),
+                 "fusion_all_queries": [{"alpha": a, key: float(m)} for a, m in zip(alphas, r["fusion"].mean(1))]}
+                for (i, j), r in pairs.items()]
+    save_json({
+        "mode": "n-way", "k": k, "k_values": k_values, "num_queries": n,
+        "exclude_same_patient": bool(args.exclude_same_patient), "class_names": list(class_names),
+        "precision_note": "P@k (Denner et al. 2025) = share of the top k with the query's label = metrics.py mP@k; "
+                          "P@1 = R@1",
+        "models": [{"name": nm, "file": str(s.path), "dim": int(e.shape[1]), "model": model_label(s.path, s.meta),
+                    "metrics": sm} for nm, s, e, sm in zip(names, sets, es, summaries)],
+        "overlap_matrix": {"names": names, "values": overlap.tolist()},
+        "spearman_matrix": {"names": names, "values": [[None if not np.isfinite(v) else float(v) for v in row]
+                                                       for row in rho]},
+        "pairs": per_pair,
+        "paired_models": {"metric": key, "queries": n, "resampled": unit, "correction": args.correction,
+                          "bootstrap": args.bootstrap, "permutations": args.permutations, "seed": args.seed,
+                          "tests": model_tests},
+        "rrf": {"k": args.rrf_k, "sets": names, key: float(rrf.mean())},
+        "heldout": {"selection_queries": len(select), "queries": len(evaluate), "fusion_alphas": alphas,
+                    key: {m: float(v.mean()) for m, v in heldout.items()}, "fusions": fusion_rows,
+                    "correction": args.correction, "tests": fusion_tests},
+    }, save_dir / NWAY_RESULT_FILES[0])
+    np.savez(save_dir / NWAY_RESULT_FILES[1], names=np.array(names), image_ids=image_ids,
+             heldout_eval_indices=evaluate, rrf_ap=rrf,
+             pair_names=np.array([[names[i], names[j]] for i, j in pairs]),
+             pair_overlap=np.stack([r["overlap"] for r in pairs.values()]),
+             pair_rho=np.stack([r["rho"] for r in pairs.values()]),
+             **{f"model_{m}": np.stack([s[m] for s in per_query]) for m in per_query[0]})  # (models, queries)
+    plot_matrix(overlap, names, f"mean overlap@{k} of the top-{k} lists ({n} queries)",
+                save_dir / NWAY_RESULT_FILES[2], vmin=0, vmax=k)
+    plot_matrix(rho, names, f"mean Spearman rho of the similarity rows ({n} queries)",
+                save_dir / NWAY_RESULT_FILES[3], fmt="{:.3f}", vmin=-1, vmax=1)
+    print(f"\nresults in {save_dir}/: {', '.join(NWAY_RESULT_FILES)}")
+    return 0
+
 
 def run(args):
+    """The N-way mode with --embeddings, else the two-model mode (both of its flags needed)."""
+    if args.embeddings:
+        if args.model1_embeddings or args.model2_embeddings:
+            raise ValueError("--embeddings (N-way) replaces --model1-embeddings / --model2-embeddings; give one form")
+        return run_nway(args)
+    if not (args.model1_embeddings and args.model2_embeddings):
+        raise ValueError("give --embeddings NAME=PATH NAME=PATH ... (any number of sets) or both "
+                         "--model1-embeddings and --model2-embeddings")
+    return run_pair(args)
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_pair(args):
     print_args(args)
     s1, s2 = load_sets(args)
     e1, e2 = _normalise(s1.embeddings, s1.path), _normalise(s2.embeddings, s2.path)
@@ -591,7 +1027,7 @@ def run(args):
 
     t0 = time.time()
     r = compare_embeddings(e1, e2, labels, k, alphas, patient_ids if args.exclude_same_patient else None,
-                           args.chunk_size)
+                           args.chunk_size, rrf_k=args.rrf_k)
     map1, map2 = float(r["ap1"].mean()), float(r["ap2"].mean())
     # full-ranking mAP over the queries that have a relevant image; None (printed "n/a") when none has one
     full1, full2 = (float(np.nanmean(a)) if (~np.isnan(a)).any() else None for a in (r["fullap1"], r["fullap2"]))
@@ -618,7 +1054,7 @@ def run(args):
         learned = single_model_scores(e_learned, labels, k, patient_ids if args.exclude_same_patient else None,
                                       args.chunk_size)
         rows.append((args.learned_name, float(learned[0].mean()), learned[1].mean(), "-"))  # top-k only
-    w = max(len(x[0]) for x in rows + [(f"Z-score fusion alpha={alphas[0]:g}",)] + [(f"RRF (k={RRF_K})",)]) + 2
+    w = max(len(x[0]) for x in rows + [(f"Z-score fusion alpha={alphas[0]:g}",)] + [(f"RRF (k={args.rrf_k})",)]) + 2
     print(f"\nall {n} queries (fusion alphas here are not chosen on separate queries: optimistic)")
     print(f"{'Model':<{w}}| {key:>8} | {'R@1':>8} | {'mAP':>8}")
     print("-" * (w + 33))
@@ -629,14 +1065,14 @@ def run(args):
         print(f"{f'Fusion alpha={a:g}':<{w}}| {m:>8.4f} | {'-':>8} | {'-':>8}")
     for a, m in zip(alphas, zscore_maps):
         print(f"{f'Z-score fusion alpha={a:g}':<{w}}| {m:>8.4f} | {'-':>8} | {'-':>8}")
-    print(f"{f'RRF (k={RRF_K})':<{w}}| {rrf_map:>8.4f} | {'-':>8} | {'-':>8}")
+    print(f"{f'RRF (k={args.rrf_k})':<{w}}| {rrf_map:>8.4f} | {'-':>8} | {'-':>8}")
     if no_rel:
         print(f"({no_rel} queries without any relevant image left out of mAP)")
     # 2. pair statistics: one value per pair of models, not per model
     print(f"\npair {names[0]} / {names[1]}: Mean Overlap@{k} {mean_overlap:.2f}, {100 * pct_low:.1f}% of queries "
           f"share <= {k // 2} of their top-{k}; Spearman rho {mean_rho:.3f} (std {std_rho:.3f})")
     # 3. held-out: alpha chosen on one half, every method scored on the other half, the same queries
-    fusions = [f"Held-out alpha={h_alpha:g}", f"RRF (k={RRF_K})"] + ([args.learned_name] if learned else [])
+    fusions = [f"Held-out alpha={h_alpha:g}", f"RRF (k={args.rrf_k})"] + ([args.learned_name] if learned else [])
     scores = {names[0]: r["ap1"][evaluate], names[1]: r["ap2"][evaluate],
               fusions[0]: r["fusion"][alphas.index(h_alpha)][evaluate], fusions[1]: r["rrf"][evaluate]}
     if learned is not None:

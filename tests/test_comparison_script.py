@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,24 @@ def test_demo_end_to_end(demo_data, tmp_path):
     again = run_script(env, args=["--overwrite"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("== reusing") == 4
+    # issue 21, the N-way mode (BACKBONES) on the same embeddings: the two models' sets are reused and a third set
+    # is already there, so no image is embedded again (every model is still checked). The learned fusion of a subset
+    # (FUSION_SUBSET) is left out here to keep the suite short: train_fusion.py on three sets and its row in the
+    # N-way table are tested in tests/test_backbone_nway.py
+    write_demo_set(demo_data, out / "embeddings" / "tvit.npy", 8, seed=1)
+    nway = tmp_path / "nway"
+    proc = run_script(dict(env, OUT_DIR=str(nway), EMB_DIR=str(out / "embeddings"), K="3", K_VALUES="1 3",
+                           LEARNED_FUSION="0",
+                           ARGS_tvit="--model timm --backbone test_vit --no-pretrained --img-size 64",
+                           BACKBONES=f"model1:{ckpt}; tvit; model2=--model convnextv2 --convnext-backbone "
+                                     f"convnextv2_atto --no-pretrained --img-size 64"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("== reusing") == 3 and "== extracting" not in proc.stdout
+    res = json.loads((nway / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["model1", "tvit", "model2"] and res["k_values"] == [1, 3]
+    assert np.array(res["overlap_matrix"]["values"]).shape == (3, 3) and res["exclude_same_patient"]
+    assert (nway / "overlap_matrix.png").is_file() and (nway / "spearman_matrix.png").is_file()
+    assert "P@k as in Denner et al. 2025" in proc.stdout and "RRF all (k=60)" in proc.stdout
 
 
 def test_real_mode_needs_a_checkpoint(tmp_path):
@@ -109,3 +128,31 @@ def test_missing_weights_refused_before_the_first_extraction(tmp_path):
     assert "MODEL2_ARGS" in proc.stderr and f"--conceptclip-path {tmp_path / 'no_conceptclip'}: folder not found" \
         in proc.stderr
     assert "== extracting" not in proc.stdout and not out.exists() and not (tmp_path / "demo").exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: BACKBONES, the N-way mode
+
+def write_demo_set(demo_dir, path, dim, seed):
+    """A random embedding set of the demo test list's images (ids, labels, patients as extraction writes them):
+    the script reuses a set already in EMB_DIR, so an N-way run needs only one real extraction."""
+    import numpy as np
+
+    import dataset
+    import embeddings
+    ds = dataset.ImageListDataset(demo_dir / "test_split.txt", demo_dir / "test", check_files=False)
+    rows = np.random.default_rng(seed).standard_normal((len(ds), dim)).astype(np.float32)
+    meta = embeddings.make_meta(model_name="timm", model_args={"backbone": "test_vit", "pretrained": False},
+                                embedding_dim=dim, seed=seed, class_names=ds.class_names)
+    embeddings.save(path, embeddings.EmbeddingSet.from_dataset(rows, ds, meta))
+
+
+@pytest.mark.parametrize("backbones, message", [
+    ("a:x.pth a:y.pth", "names 'a' twice"),
+    ("a=--model timm --backbone resnet10t b:x.pth", "needs ';' between the entries"),
+    ("a:x.pth", "two or more"),
+])
+def test_bad_backbones_refused_before_any_work(tmp_path, backbones, message):
+    out = tmp_path / "r"
+    proc = run_script({"BACKBONES": backbones, "OUT_DIR": str(out), "DEMO_DIR": str(tmp_path / "demo")}, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "demo").exists()
