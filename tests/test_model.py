@@ -363,6 +363,9 @@ def test_checkpoint_errors(saved, tmp_path):
 def test_build_model_argument_errors():
     with pytest.raises(ValueError, match="unknown model 'vitt'"):
         M.build_model("vitt")
+    with pytest.raises(ValueError, match=r"unknown model 'raddinov2'.*'biomedclip'.*'clip'.*'dinov2'.*'medsiglip'"
+                                         r".*'raddino'.*'xrv'"):  # the known names, encoders included
+        M.build_model("raddinov2")
     with pytest.raises(ValueError, match="unknown model arguments"):
         M.build_model("vit", **tiny("vit"), dropout=0.1)
     with pytest.raises(ValueError, match="--backbone NAME"):
