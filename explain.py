@@ -13,14 +13,21 @@ ranked exactly as test.py ranks them (metrics.rank: same tie rule, same-patient 
         --query-ids IMG1 IMG2 --method sbsm --window 48 --stride 16 --boxes boxes.csv --device cpu --save-dir OUT
     # with an OOD warning per query (ood.py's kNN score against the archive's saved embeddings)
     python explain.py ... --ood-reference emb/train.npy --ood-k 50
+    # the explain demo (bench/bench_explain_demo.py trains model.py's democnn, 8 x 8 maps at 128 px): Grad-CAM of
+    # the dot-product target at the stage before last (16 x 16), ROAD beside insertion/deletion, the sanity check
+    python explain.py --resume DEMOCNN_CKPT --dataset-dir D --test-image-list D/test_split.txt --exclude-same-patient \
+        --method gradcam --target dot --layers -3 --mask-dir D/masks --evaluate --sanity --save-dir results/explain_democnn
 
-Methods: gradcam, gradcam++ and the other CAMs of pytorch-grad-cam (layers from model.explain_layers), sbsm
+Methods: gradcam, gradcam++ and the other CAMs of pytorch-grad-cam (layers from model.explain_layers or
+--layers; target --target dot = z . e_partner with z the unnormalised embedding, or cosine), sbsm
 (occlusion), simcam (exact decomposition, linear-on-GAP heads only), random (a smoothed random map: the
 baseline). Writes SAVE_DIR/explain.json, SAVE_DIR/maps/*.npy (float32, the original image's size, 0 where
 the model never looked; bilinear, except simcam's: spread by area, so each saved simcam map sums to its pair's
 cosine) and SAVE_DIR/figures/QUERY_ID.png. Results of the query's own patient (possible without
 --exclude-same-patient) are marked: "same_patient" in explain.json, SAME PATIENT in the figure, a console note.
-Scores (--evaluate, --mask-dir/--boxes): docs/explain.md.
+Scores (--evaluate: insertion, deletion and ROAD; --mask-dir/--boxes: pointing game, mass inside; --sanity:
+Adebayo et al.'s cascading model randomisation): docs/explain.md. explain.json's "evidence" block and every
+figure carry the scores next to the random baseline's on the same pairs, and the sanity verdict.
 """
 import argparse
 import contextlib
@@ -72,6 +79,14 @@ def get_args_parser():
     g.add_argument("--stride", type=int, default=None, help="sbsm window stride in input pixels (default: window / 2)")
     g.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass of sbsm, CAMs, and curves (embedding: --eval-batch-size)")
+    g.add_argument("--target", default="dot", choices=["dot", "cosine"],
+                   help="what a CAM method differentiates: dot = the explained side's unnormalised embedding . the "
+                        "partner's unit embedding (its Grad-CAM is the exact split of a linear-on-GAP head); "
+                        "cosine = the cosine itself (its gradient is orthogonal to the embedding: docs/explain.md)")
+    g.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                   help="CAM methods: explain these layers (several: maps combined by pytorch-grad-cam's multi-layer "
+                        "rule): an integer = the backbone's feature stage (-1 last, -2 the one before), or a module "
+                        "name as in model.named_modules() (default: model.explain_layers, the last spatial map)")
     g.add_argument("--seed", type=int, default=0, help="query draw, random baseline and bootstrap seed")
     g = p.add_argument_group("scores")
     g.add_argument("--evaluate", action="store_true", help="insertion and deletion curves on the result image")
@@ -81,6 +96,16 @@ def get_args_parser():
     m = g.add_mutually_exclusive_group()
     m.add_argument("--mask-dir", type=Path, default=None, help="finding masks IMAGE_ID.png (non-zero = finding)")
     m.add_argument("--boxes", type=Path, default=None, help="finding boxes CSV image_id,x,y,w,h (original pixels)")
+    g.add_argument("--road-percentiles", type=int, nargs="+", default=list(ROAD_PERCENTILES), metavar="P",
+                   help="--evaluate: ROAD removes the top (MoRF) / bottom (LeRF) 100 - P %% of each map, per P "
+                        "(fewer P = faster: each is a sparse solve per map)")
+    g.add_argument("--road-noise", type=float, default=0.01,
+                   help="--evaluate: ROAD's imputation noise (pytorch-grad-cam's NoisyLinearImputer; 0 = none)")
+    g.add_argument("--sanity", action="store_true",
+                   help="model-randomisation check (Adebayo et al. 2018): cascade from the head down, rank "
+                        "correlation and SSIM of each result map against the randomised model's")
+    g.add_argument("--sanity-threshold", type=float, default=0.5,
+                   help="a method fails the check when, fully randomised, its mean Spearman correlation is >= this")
     g.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
     g = p.add_argument_group("output")
     g.add_argument("--save-dir", type=Path, default=Path("./results/explain"), help="output folder")
@@ -102,6 +127,48 @@ class CosineTarget:
 
     def __call__(self, output):
         return F.cosine_similarity(output, self.ref.to(output.device), dim=-1)
+
+
+class DotTarget:
+    """pytorch-grad-cam target: output . ref, with output the UNNORMALISED embedding (Unnormalised) and ref the
+    partner's unit embedding. Its gradient in the embedding is the constant ref, so for a linear-on-GAP head
+    its Grad-CAM is the exact split of the similarity (simcam) up to the bias, unlike the cosine's."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def __call__(self, output):
+        return (output * self.ref.to(output.device)).sum(-1)
+
+
+TARGETS = {"cosine": CosineTarget, "dot": DotTarget}
+
+
+class Unnormalised(torch.nn.Module):
+    """`model` returning z instead of normalize(z): the input of the last F.normalize call of its forward is
+    recorded (the call itself is unchanged) and returned. A model whose output is not that call's result is a
+    ValueError: --target dot needs an embedding that is an L2-normalised vector."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        seen, normalize = [], F.normalize
+
+        def record(t, *a, **k):
+            out = normalize(t, *a, **k)
+            seen.append((t, out))
+            return out
+        F.normalize = record  # only for this forward; restored below whatever happens
+        try:
+            out = self.model(x)
+        finally:
+            F.normalize = normalize
+        if not seen or seen[-1][1] is not out:
+            raise ValueError(f"--target dot: the output of {type(self.model).__name__} is not the result of "
+                             "torch.nn.functional.normalize, so its unnormalised embedding is unknown; use --target cosine")
+        return seen[-1][0]
 
 
 class SaliencyError(RuntimeError):
@@ -130,10 +197,10 @@ def gradients_through(model):
             model.frozen = frozen
 
 
-def cam_maps(model, spec, method, images, refs, batch_size=32):
-    """CAM maps (B, S, S) in [0, 1] of images (B, 3, S, S) with targets cos(f(image_i), refs_i), and per branch
-    {name: (B, S, S)} when the spec has several (combined by spec.combine). A failure inside pytorch-grad-cam
-    is a SaliencyError naming the method and the layers."""
+def cam_maps(model, spec, method, images, refs, batch_size=32, target="cosine"):
+    """CAM maps (B, S, S) in [0, 1] of images (B, 3, S, S) with targets cos(f(image_i), refs_i) (target "dot":
+    z(image_i) . refs_i, z unnormalised), and per layer {name: (B, S, S)} when the spec has several (combined by
+    spec.combine). A failure inside pytorch-grad-cam is a SaliencyError naming the method and the layers."""
     import pytorch_grad_cam as pgc
     base = getattr(pgc, CAM_METHODS[method])
 
@@ -146,15 +213,18 @@ def cam_maps(model, spec, method, images, refs, batch_size=32):
     where = ", ".join(names.get(id(m), type(m).__name__) for _, m in spec.layers)
     out, branches = [], {n: [] for n in spec.names}
     was_training = model.training
-    with gradients_through(model), cls(model=model, target_layers=[m for _, m in spec.layers],
+    net, make_target = (Unnormalised(model) if target == "dot" else model), TARGETS[target]
+    with gradients_through(model), cls(model=net, target_layers=[m for _, m in spec.layers],
                                        reshape_transform=spec.reshape) as cam:
         cam.batch_size = batch_size  # ScoreCAM's forward passes per batch of masked inputs
         for s in range(0, len(images), batch_size):
             # the input always asks for the gradient: the only way it reaches the layers (gradients_through)
             x, r = images[s:s + batch_size].detach().requires_grad_(True), refs[s:s + batch_size]
             try:
-                out.append(np.asarray(cam(input_tensor=x, targets=[CosineTarget(v) for v in r]), np.float32))
+                out.append(np.asarray(cam(input_tensor=x, targets=[make_target(v) for v in r]), np.float32))
             except Exception as e:
+                if isinstance(e, ValueError) and "--target dot" in str(e):
+                    raise  # the model, not the library: said as is
                 msg = str(e).splitlines()[0] if str(e) else ""
                 raise SaliencyError(f"--method {method}: pytorch-grad-cam failed at layer {where} of "
                                     f"{type(model).__name__} ({type(e).__name__}: {msg}); try --method sbsm, "
@@ -163,6 +233,67 @@ def cam_maps(model, spec, method, images, refs, batch_size=32):
                 branches[n].append(m)
     model.train(was_training)
     return np.concatenate(out), ({n: np.concatenate(v) for n, v in branches.items()} if len(spec.layers) > 1 else {})
+
+
+def resolve_layers(model, layers):
+    """ExplainSpec for --layers: None = model.explain_layers(model) (the last spatial map); else each entry is an
+    integer (the backbone's feature_info stage: -1 last, -2 the one before; the hybrid's ConvNeXt) or a module
+    name as in model.named_modules(). Several layers are combined by pytorch-grad-cam's multi-layer rule."""
+    from model import ExplainSpec, explain_layers
+    base = explain_layers(model)  # also refuses a model without a spatial map
+    if not layers:
+        return base
+    prefix = next((n for n in ("backbone", "convnext") if hasattr(model, n)), None)
+    info = getattr(getattr(model, prefix), "feature_info", None) if prefix else None
+    stages = [f"{prefix}.{d['module']}" for d in info] if isinstance(info, list) else []
+    chosen = []
+    for entry in layers:
+        try:
+            i = int(entry)
+        except ValueError:
+            name = entry
+        else:
+            if not -len(stages) <= i < len(stages):
+                raise ValueError(f"--layers {entry}: {type(model).__name__} has {len(stages)} feature stages "
+                                 f"({', '.join(stages) or 'none'}); give -{len(stages)}..{len(stages) - 1} or a module name")
+            name = stages[i]
+        try:
+            chosen.append((name, model.get_submodule(name)))
+        except AttributeError:
+            raise ValueError(f"--layers {entry}: {type(model).__name__} has no module '{name}'; feature stages: "
+                             f"{', '.join(stages) or 'none'} (any name of model.named_modules() works)") from None
+    return ExplainSpec(chosen, base.reshape, combine=None if len(chosen) == 1 else
+                       "mean of the layers' maps, each ReLU'd and min-max scaled to [0, 1] at the input size "
+                       "(pytorch-grad-cam's multi-layer rule)")
+
+
+@torch.no_grad()
+def layer_grids(model, spec, image):
+    """[(h, w)] of each explained layer's map for one image (3, S, S), read by forward hooks."""
+    grids, hooks = [], [m.register_forward_hook(lambda _m, _i, o: grids.append(tuple(spec.reshape(o).shape[-2:])))
+                        for _, m in spec.layers]
+    try:
+        model(image[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return grids[:len(spec.layers)]
+
+
+def method_maps(model, method, how, images, refs, args, keys):
+    """Maps (n, S, S) at the model's input of images (n, 3, S, S) toward refs (n, D), by --method; `keys` seed
+    the random maps. Returns (maps, per-layer maps {name: (n, S, S)}, simcam grids or None)."""
+    size = images.shape[-1]
+    if method in CAM_METHODS:
+        maps, branch = cam_maps(model, how, method, images, refs, args.batch_size, args.target)
+        return maps, branch, None
+    if method == "sbsm":
+        return np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size)
+                         for x, r in zip(images, refs)]), {}, None
+    if method == "simcam":  # the grids are carried back by area (spread_grid): the sums stay exact
+        grids, maps = zip(*[simcam_map(how, x, r) for x, r in zip(images, refs)])
+        return np.stack(maps), {}, grids
+    return np.stack([random_map((size, size), np.random.default_rng(k)) for k in keys]), {}, None
 
 
 def occlusion_masks(size, window, stride, device):
@@ -228,13 +359,18 @@ def random_map(shape, rng, sigma=None):
 
 def input_geometry(orig_hw, data_config):
     """How the eval transform puts an original image (H, W) on the model's S x S input: (S, the resized image's
-    (rh, rw), the crop's (top, left)). crop: shorter side resized to int(1.125 S), then centre crop; squash:
+    (rh, rw), the crop's (top, left)), as dataset.build_transform does it. crop: shorter side resized to
+    data_config's resize_size (default int(1.125 S); a foundation encoder's processor gives its own), then centre
+    crop, offsets rounded half up (torchvision) or down (crop_rounding "floor": Hugging Face processors); squash:
     resize to S x S."""
     size, (h, w) = int(data_config["img_size"]), orig_hw
     if data_config["resize_mode"] == "squash":
         return size, (size, size), (0, 0)
-    short = int(1.125 * size)  # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
+    # torchvision Resize(int): shorter side -> short, longer int(short * long / shorter)
+    short = int(data_config.get("resize_size") or 1.125 * size)
     rh, rw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    if data_config.get("crop_rounding", "round") == "floor":
+        return size, (rh, rw), ((rh - size) // 2, (rw - size) // 2)
     return size, (rh, rw), (int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0)))
 
 
@@ -324,6 +460,146 @@ def blurred(image):
     return gaussian_blur(image[None], [k, k], [sigma, sigma])[0]
 
 
+ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+@torch.no_grad()
+def road_scores(model, image, ref, saliency, percentiles=ROAD_PERCENTILES, noise=0.01, seed=0):
+    """ROAD (Rong et al. 2022) on the similarity, with pytorch-grad-cam's classes: for each percentile p the
+    pixels ranked at or above p (MoRF: most relevant first, the top 100 - p %; LeRF: the least relevant
+    100 - p %) are replaced by noisy linear imputation from their neighbours (NoisyLinearImputer, `noise`
+    absolute, seeded), and the cosine of the imputed image to `ref` is taken. Returns {road_morf, road_lerf:
+    mean cosine over p (lower MoRF, higher LeRF = more faithful), road: (lerf - morf) / 2 (pytorch-grad-cam's
+    ROADCombined, higher = more faithful)}. The map is passed as its ranks (ties broken by pixel index, as in
+    insertion_deletion), so a flat region of the map removes exactly its share, not all tied pixels at once.
+    pytorch-grad-cam's perturbations (RemoveMostRelevantFirst / RemoveLeastRelevantFirst with its
+    NoisyLinearImputer) make the images; their cosines are taken here in one batch (its
+    PerturbationConfidenceMetric would run one forward pass per image)."""
+    from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    sal = np.asarray(saliency, np.float32)
+    order = np.argsort(-sal.reshape(-1), kind="stable")
+    relevance = np.empty(sal.size, np.float32)
+    relevance[order] = np.arange(sal.size - 1, -1, -1, dtype=np.float32) / max(sal.size - 1, 1)
+    relevance = torch.from_numpy(relevance.reshape(sal.shape))
+    imputer, img = NoisyLinearImputer(noise=noise), image.detach().float().cpu()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = torch.stack([remove(p, imputer)(img, relevance) for remove in (RemoveMostRelevantFirst,
+                                                                             RemoveLeastRelevantFirst)
+                         for p in percentiles]).to(image.device, image.dtype)
+    sims = torch.cat([_cosine(model(x[s:s + 32]).float(), ref) for s in range(0, len(x), 32)]).cpu().numpy()
+    n = len(percentiles)
+    out = {"road_morf": float(sims[:n].mean()), "road_lerf": float(sims[n:].mean())}
+    out["road"] = (out["road_lerf"] - out["road_morf"]) / 2
+    return out
+
+
+# --------------------------------------------------------------------------- sanity check (model randomisation)
+
+def cascade_groups(model):
+    """[(name, [parameters])] from the top of the model down, the order of Adebayo et al.'s cascading
+    randomisation: "head" (everything after the last feature stage: MXA, projection, head norm), then each
+    feature stage of the backbone's feature_info from the last, then "stem" (what comes before the first
+    stage). A model without a feature_info list (token models, the hybrid, ConceptCLIP) is cut at its
+    top-level children instead, last registered first. Groups without parameters are left out."""
+    named = list(model.named_parameters())
+    bb = getattr(model, "backbone", None)
+    info = getattr(bb, "feature_info", None) if bb is not None else None
+    if isinstance(info, list) and info and not hasattr(bb, "patch_embed"):
+        stages = [f"backbone.{d['module']}." for d in info]
+        first = next((i for i, (n, _) in enumerate(named) if any(n.startswith(s) for s in stages)), len(named))
+        groups = {"head": [], **{s[:-1]: [] for s in reversed(stages)}, "stem": []}
+        for i, (n, prm) in enumerate(named):
+            stage = max((s for s in stages if n.startswith(s)), key=len, default=None)
+            if stage is not None:
+                groups[stage[:-1]].append(prm)
+            else:
+                groups["stem" if n.startswith("backbone.") and i < first else "head"].append(prm)
+        return [(k, v) for k, v in groups.items() if v]
+    return [(n, list(m.parameters())) for n, m in reversed(list(model.named_children())) if any(m.parameters())]
+
+
+def randomise_(model, params, seed):
+    """Re-initialise `params` in place: each module owning one of them calls its reset_parameters (BatchNorm:
+    running statistics too); a module without one gets N(0, 0.02) weights. Seeded; other parameters kept."""
+    ids = {id(p) for p in params}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            own = [p for p in m.parameters(recurse=False) if id(p) in ids]
+            if not own:
+                continue
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            else:
+                with torch.no_grad():
+                    for p in own:
+                        p.normal_(0, 0.02)
+
+
+def map_similarity(a, b):
+    """(Spearman rank correlation, SSIM) of two maps of the same shape. SSIM on each map min-max scaled to
+    [0, 1] (data range 1, skimage's 7 x 7 window); a constant map has rank correlation 1 with another constant
+    map, 0 with any other."""
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    flat_a, flat_b = np.ptp(a) == 0, np.ptp(b) == 0
+    rho = (1.0 if flat_a and flat_b else 0.0) if flat_a or flat_b else float(spearmanr(a.ravel(), b.ravel())[0])
+
+    def unit(m):
+        return (m - m.min()) / np.ptp(m) if np.ptp(m) > 0 else np.zeros_like(m)
+    return rho, float(structural_similarity(unit(a), unit(b), data_range=1.0))
+
+
+def sanity_check(model, method, cases, args, spec_of):
+    """Adebayo et al.'s cascading randomisation, for `method` and for the random baseline. cases: per query
+    (result images (k, 3, S, S), query image (3, S, S), trained result maps (k, S, S), random-map keys (k),
+    random-baseline maps (k, S, S), their keys). At each step the next group of cascade_groups (head first)
+    is re-initialised in a copy of the model (cumulatively), the query is re-embedded by that copy, and each
+    result's map is recomputed; the trained and randomised maps are compared by map_similarity. Returns the
+    explain.json "sanity" block (per step mean and CI over pairs)."""
+    import copy
+    rmodel = copy.deepcopy(model).eval()
+    groups = cascade_groups(rmodel)
+    steps, rsteps = [], []
+    for n, (name, params) in enumerate(groups):
+        randomise_(rmodel, params, args.seed + n)
+        how = spec_of(rmodel)
+        rows, rrows = [], []
+        for rimgs, qimg, maps, keys, rmaps, rkeys in cases:
+            with torch.no_grad():
+                ref = rmodel(qimg[None]).float().expand(len(rimgs), -1)
+            new = method_maps(rmodel, method, how, rimgs, ref, args, keys)[0]
+            rnew = method_maps(rmodel, "random", None, rimgs, ref, args, rkeys)[0]
+            rows += [map_similarity(a, b) for a, b in zip(maps, new)]
+            rrows += [map_similarity(a, b) for a, b in zip(rmaps, rnew)]
+        for out, r in ((steps, rows), (rsteps, rrows)):
+            out.append({"randomised": name, **{k: _stat([v[i] for v in r], args.bootstrap, args.seed)
+                                               for i, k in enumerate(("spearman", "ssim"))}})
+        print(f"sanity: randomised down to {name:<12} {method}: Spearman {steps[-1]['spearman']['mean']:.3f}, "
+              f"SSIM {steps[-1]['ssim']['mean']:.3f}   random: Spearman {rsteps[-1]['spearman']['mean']:.3f}")
+    last, rlast = steps[-1]["spearman"]["mean"], rsteps[-1]["spearman"]["mean"]
+    passed, rpassed = bool(last < args.sanity_threshold), bool(rlast < args.sanity_threshold)
+
+    def verdict(m, ok, rho):
+        return (f"{m} passes (Spearman {rho:.2f} at full randomisation)" if ok else
+                f"{m} FAILS: its maps barely change when the model is randomised (Spearman {rho:.2f})")
+    summary = verdict(method, passed, last) + "; " + verdict("random", rpassed, rlast) + \
+        (": it never depended on the model" if not rpassed else "")
+    return {"cascade": [g for g, _ in groups], "steps": steps, "random_baseline_steps": rsteps,
+            "threshold": args.sanity_threshold, "passed": passed, "random_baseline_passed": rpassed,
+            "compared": "result maps at the model's input, trained vs randomised model (query re-embedded)",
+            "summary": summary}
+
+
+def _stat(vals, n_boot, seed):
+    vals = [v for v in vals if v is not None]
+    return {"mean": float(np.mean(vals)) if vals else None, "ci95": metrics.bootstrap_ci(vals, n_boot, seed),
+            "n": len(vals)}
+
+
 # --------------------------------------------------------------------------- localisation
 
 def image_size(path):
@@ -410,6 +686,53 @@ def summarise(rows, key, classes, n_boot, seed):
     return out
 
 
+HIGHER_IS_BETTER = {"pointing_game": True, "mass_inside": True, "insertion_auc": True, "deletion_auc": False,
+                    "road_morf": False, "road_lerf": True, "road": True}
+
+
+def evidence(args, layers, grid, pairs, rand_rows, keys, scores, sanity):
+    """explain.json's "evidence" block: per score the method's and the random baseline's mean and CI on the
+    same pairs, their paired difference and a verdict from its CI; the sanity result when computed; a summary
+    line (also printed under every figure). Schema: docs/explain.md."""
+    cam = args.method in CAM_METHODS
+    out = {}
+    for key in keys:
+        diffs = [p[key] - r[key] for p, r in zip(pairs, rand_rows) if p.get(key) is not None and r.get(key) is not None]
+        d = _stat(diffs, args.bootstrap, args.seed)
+        ci, up = d["ci95"], HIGHER_IS_BETTER[key]
+        verdict = "no CI" if ci is None or d["n"] < 2 else (
+            "better than random" if (ci[0] > 0 if up else ci[1] < 0) else
+            "worse than random" if (ci[1] < 0 if up else ci[0] > 0) else "not distinguishable from random")
+        out[key] = {"higher_is_better": up, "method": {k: scores[key][args.method][k] for k in ("mean", "ci95", "n")},
+                    "random_baseline": {k: scores[key]["random_baseline"][k] for k in ("mean", "ci95", "n")},
+                    "difference": d, "verdict": verdict}
+    uni = scores.get("uniform_area_fraction")
+    ev = {"method": args.method, "target": args.target if cam else "cosine", "layers": layers, "map_grid": grid,
+          "num_pairs": len(pairs), "scores": out,
+          "uniform_area_fraction": None if uni is None else {k: uni[k] for k in ("mean", "ci95", "n")},
+          "sanity": sanity}
+    what = args.method + (f" ({args.target} target, {', '.join(layers)})" if cam else "")
+    parts = [f"{k} {v['method']['mean']:.3f} vs random {v['random_baseline']['mean']:.3f}: {v['verdict']}"
+             for k, v in out.items() if v["method"]["mean"] is not None and v["random_baseline"]["mean"] is not None]
+    ev["summary"] = f"{what} on {len(pairs)} pairs: " + ("; ".join(parts) if parts else "no scores (--evaluate, "
+                                                          "--mask-dir or --boxes)") + \
+        (f"; sanity: {sanity['summary']}" if sanity else "; sanity: not run (--sanity)")
+    return ev
+
+
+def evidence_lines(ev):
+    """The evidence as short lines for a figure: one per score (method [CI] vs random [CI], verdict), sanity."""
+    def fmt(s):
+        return "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (
+            f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")
+    lines = [f"{k}: {fmt(v['method'])} vs random {fmt(v['random_baseline'])} ({v['verdict']})"
+             for k, v in ev["scores"].items()]
+    s = ev["sanity"]
+    lines.append("sanity: " + (s["summary"] if s else "not run (--sanity)"))
+    return [f"evidence on this run's {ev['num_pairs']} pairs ({ev['method']}" +
+            (f", {ev['target']} target" if ev["layers"] else "") + "):"] + lines
+
+
 # --------------------------------------------------------------------------- inputs
 
 def check_args(args):
@@ -424,6 +747,10 @@ def check_args(args):
                         ("--batch-size", args.batch_size, 1), ("--bootstrap", args.bootstrap, 0)):
         if v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
+    if not all(1 <= v <= 99 for v in args.road_percentiles):
+        raise ValueError(f"--road-percentiles must be in 1..99, got {args.road_percentiles}")
+    if not 0 <= args.sanity_threshold <= 1:
+        raise ValueError(f"--sanity-threshold must be in [0, 1], got {args.sanity_threshold}")
     if args.mask_dir is not None and not args.mask_dir.is_dir():
         raise ValueError(f"--mask-dir {args.mask_dir}: not a folder")
     if args.boxes is not None and not args.boxes.is_file():
@@ -436,13 +763,22 @@ def check_args(args):
 
 def check_method(model, method, size, args):
     """The method's needs of this model (layers, head, window), checked before any image is embedded."""
-    from model import explain_layers, linear_gap_head
-    if method in CAM_METHODS:
+    from model import linear_gap_head
+    if args.layers and method not in CAM_METHODS:
+        raise ValueError(f"--layers is for the CAM methods ({', '.join(CAM_METHODS)}), not --method {method}")
+    if method in CAM_METHODS or args.evaluate:
         try:
             import pytorch_grad_cam  # noqa: F401
         except ImportError:
-            raise ValueError(f"--method {method} needs pytorch-grad-cam: pip install 'grad-cam>=1.5,<1.6'") from None
-        return explain_layers(model)
+            raise ValueError(f"--method {method}{' --evaluate (ROAD)' if args.evaluate else ''} needs "
+                             "pytorch-grad-cam: pip install 'grad-cam>=1.5,<1.6'") from None
+    if args.sanity:
+        try:
+            import skimage  # noqa: F401
+        except ImportError:
+            raise ValueError("--sanity needs scikit-image (SSIM): pip install 'scikit-image>=0.22'") from None
+    if method in CAM_METHODS:
+        return resolve_layers(model, args.layers)
     if method == "simcam":
         return linear_gap_head(model)
     if method == "sbsm":
@@ -512,14 +848,22 @@ def remove_previous_outputs(save):
 
 # --------------------------------------------------------------------------- figure
 
-def plot_query(path, query, results, method, ood_note=None):
+def plot_query(path, query, results, method, ood_note=None, evidence=None):
     """The query and its top-k, each with its overlay (row 1: results' maps, row 2: the query's map per result),
-    similarity, green/red frame = same/different label, one colour bar (maps scaled to their own maximum)."""
+    similarity, green/red frame = same/different label, one colour bar (maps scaled to their own maximum);
+    `evidence` (lines of text: the run's scores next to random, the sanity verdict) printed under the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     k = len(results)
-    fig, axes = plt.subplots(2, k + 1, figsize=(2.2 * (k + 1) + 0.6, 5.2), squeeze=False)
+    import textwrap
+    width = 2.2 * (k + 1) + 0.6
+    lines = [w for line in (evidence or ()) for w in textwrap.wrap(line, int(width * 16), subsequent_indent="  ")]
+    extra = 0.11 * len(lines)
+    fig, axes = plt.subplots(2, k + 1, figsize=(width, 5.2 + extra), squeeze=False)
+    if lines:  # 6 pt monospace: ~19 characters per inch, 16 leave a margin
+        fig.subplots_adjust(bottom=(extra + 0.1) / (5.2 + extra))
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=6, va="bottom", family="monospace")
 
     def show(ax, img, sal, title, color, finding=None):
         ax.imshow(img, cmap="gray")
@@ -614,15 +958,20 @@ def run(args):
     if ood_ref is not None:
         ood_scores, ood_flags = ood.score_queries(ood_ref, qemb[queries])
 
+    grid = None
     if args.method in CAM_METHODS:  # one pair first: a saliency-library failure stops the run before any write
-        first = ranking.indices[queries[0], 0]
-        cam_maps(model, how, args.method, gallery_ds[first][0][None].to(device),
-                 torch.as_tensor(qemb[queries[:1]], device=device), args.batch_size)
+        first = gallery_ds[ranking.indices[queries[0], 0]][0].to(device)
+        cam_maps(model, how, args.method, first[None], torch.as_tensor(qemb[queries[:1]], device=device),
+                 args.batch_size, args.target)
+        grid = list(max(layer_grids(model, how, first)))
+    elif args.method == "simcam":
+        grid = list(simcam_map(how, query_ds[queries[0]][0].to(device), torch.as_tensor(qemb[queries[0]],
+                                                                                        device=device))[0].shape)
     save = ensure_writable_dir(args.save_dir)
     remove_previous_outputs(save)
     (save / "maps").mkdir(exist_ok=True)
     (save / "figures").mkdir(exist_ok=True)
-    pairs, rand_rows, t0, n_maps, t_maps = [], [], time.time(), 0, 0.0
+    pairs, rand_rows, t0, n_maps, t_maps, figures, cases = [], [], time.time(), 0, 0.0, [], []
     for qn, qi in enumerate(queries):
         qimg = query_ds[qi][0].to(device)
         gis = ranking.indices[qi]
@@ -632,19 +981,9 @@ def run(args):
         # both sides at once: results toward the query, then the query toward each result
         imgs = torch.cat([rimgs, qimg[None].expand(len(gis), -1, -1, -1)])
         refs = torch.cat([eq[None].expand(len(gis), -1), er])
-        branch, grids = {}, None
         t1 = time.time()
-        if args.method in CAM_METHODS:
-            maps, branch = cam_maps(model, how, args.method, imgs, refs, args.batch_size)
-        elif args.method == "sbsm":
-            maps = np.stack([sbsm_map(model, x, r, args.window, args.stride, args.batch_size)
-                             for x, r in zip(imgs, refs)])
-        elif args.method == "simcam":  # the grids are carried back by area (spread_grid): the sums stay exact
-            grids, maps = zip(*[simcam_map(how, x, r) for x, r in zip(imgs, refs)])
-            maps = np.stack(maps)
-        else:
-            maps = np.stack([random_map((size, size), np.random.default_rng([args.seed, int(qi), j]))
-                             for j in range(len(imgs))])
+        keys = [[args.seed, int(qi), j] for j in range(len(imgs))]
+        maps, branch, grids = method_maps(model, args.method, how, imgs, refs, args, keys)
         n_maps += len(imgs)
         t_maps += time.time() - t1
         qid = query_ds.image_ids[qi]
@@ -674,11 +1013,11 @@ def run(args):
                     entry.setdefault("branch_maps", {}).setdefault(bname, {})[f"{side}_map"] = rel
             rnd = {}
             if args.evaluate or truth is not None:  # the random baseline on the same pair
-                rmap = random_map((size, size), np.random.default_rng([args.seed, int(qi), j, 1]))
-                rnd["map"] = rmap
+                rnd["map"] = random_map((size, size), np.random.default_rng([args.seed, int(qi), j, 1]))
             if args.evaluate:
                 base = blurred(rimgs[j]) if args.curve_baseline == "blur" else torch.zeros_like(rimgs[j])
                 for tag, m, dst in (("", maps[j], entry), ("random", rnd["map"], rnd)):
+                    dst.update(road_scores(model, rimgs[j], eq, m, args.road_percentiles, args.road_noise, args.seed))
                     ins, dele = insertion_deletion(model, rimgs[j], eq, m, base, args.steps, args.batch_size)
                     s_img, s_base = float(dele[0]), float(dele[-1])  # the curves' ends: untouched, all baseline
                     dst["insertion_auc"] = curve_auc(ins, s_img, s_base)
@@ -697,19 +1036,19 @@ def run(args):
             rnd.pop("map", None)
             pairs.append(entry)
             rand_rows.append(rnd)
+            # drawn once the run's evidence is known (the maps are read back from disk then)
             shown.append({"id": rid, "label": entry["result_label"], "similarity": entry["similarity"],
                           "same_label": entry["same_label"], "same_patient": entry["same_patient"],
-                          "image": np.asarray(load_image(gallery_ds.paths[gi]).convert("L")),
-                          "result_map": full["result"], "query_map": full["query"],
-                          "finding": None if truth is None else truth.get(rid)})
+                          "path": gallery_ds.paths[gi], "result_map": entry["result_map"],
+                          "query_map": entry["query_map"]})
+        if args.sanity:  # the trained maps of this query's results, kept for the randomised model's
+            rkeys = [[args.seed, int(qi), j, 1] for j in range(len(gis))]
+            cases.append((rimgs, qimg, maps[:len(gis)], keys[:len(gis)],
+                          np.stack([random_map((size, size), np.random.default_rng(k)) for k in rkeys]), rkeys))
         note = None
         if ood_ref is not None and ood_flags[qn]:
             note = f"OOD: unlike the archive (score {ood_scores[qn]:.3g})"
-        plot_query(save / "figures" / f"{qid}.png",
-                   {"id": qid, "label": names[query_ds.labels[qi]],
-                    "image": np.asarray(load_image(query_ds.paths[qi]).convert("L")),
-                    "finding": None if truth is None else truth.get(qid)},
-                   shown, args.method, note)
+        figures.append((qid, query_ds.paths[qi], names[query_ds.labels[qi]], shown, note))
         own = [str(j + 1) for j, r in enumerate(shown) if r["same_patient"]]
         print(f"query {qn + 1}/{len(queries)} {qid}: {len(gis)} results explained"
               + (f"; rank {', '.join(own)} = the query's own patient ({qpatient})" if own else ""))
@@ -732,7 +1071,7 @@ def run(args):
                                          query_ds.labels[queries])
     classes = [p["query_label"] for p in pairs]
     scores = {}
-    keys = (["insertion_auc", "deletion_auc"] if args.evaluate else []) + \
+    keys = (["insertion_auc", "deletion_auc", "road_morf", "road_lerf", "road"] if args.evaluate else []) + \
            (["pointing_game", "mass_inside"] if truth is not None else [])
     for key in keys:
         scores[key] = {args.method: summarise(pairs, key, classes, args.bootstrap, args.seed),
@@ -744,7 +1083,17 @@ def run(args):
         scores["curves"] = (f"{args.steps + 1} points from 0 to all pixels changed at the model's input "
                             f"({size} x {size}); baseline: {args.curve_baseline}; AUC of (s - s_baseline) / (s_image - "
                             "s_baseline) clipped to [0, 1]; higher insertion and lower deletion = more faithful")
+        scores["road_definition"] = (f"ROAD: cosine to the query after noisy linear imputation (noise {args.road_noise}) "
+                                     "of the top (MoRF) / bottom (LeRF) 100 - p % of the map, mean over p = "
+                                     f"{', '.join(map(str, args.road_percentiles))}; "
+                                     "road = (LeRF - MoRF) / 2; lower MoRF, higher LeRF and road = more faithful")
     res["scores"] = scores
+    sanity = None
+    if args.sanity:
+        sanity = sanity_check(model, args.method, cases, args,
+                              lambda m: check_method(m, args.method, size, args))
+    res["evidence"] = evidence(args, [n for n, _ in how.layers] if args.method in CAM_METHODS else None, grid,
+                               pairs, rand_rows, keys, scores, sanity)
     res["pairs"] = pairs
     for key in keys:
         a, b = scores[key][args.method], scores[key]["random_baseline"]
@@ -756,6 +1105,17 @@ def run(args):
         print(f"uniform map (finding's area fraction): {'n/a' if u is None else f'{u:.3f}'}; "
               f"{scores['pairs_without_finding']} pairs skipped (result without finding)")
     print(f"{len(pairs)} pairs in {elapsed:.1f} s; maps (both sides) {t_maps:.1f} s = {res['pairs_per_second']:.2f} pairs/s")
+    if sanity is not None:
+        print(f"sanity: {sanity['summary']}")
+    lines = evidence_lines(res["evidence"])
+    for qid, qpath, qlabel, shown, note in figures:
+        for r in shown:
+            r["image"] = np.asarray(load_image(r.pop("path")).convert("L"))
+            r["result_map"], r["query_map"] = (np.load(save / r[k]) for k in ("result_map", "query_map"))
+            r["finding"] = None if truth is None else truth.get(r["id"])
+        plot_query(save / "figures" / f"{qid}.png",
+                   {"id": qid, "label": qlabel, "image": np.asarray(load_image(qpath).convert("L")),
+                    "finding": None if truth is None else truth.get(qid)}, shown, args.method, note, lines)
     save_json(res, save / "explain.json")  # last: its presence means a complete run
     print(f"wrote {save / 'explain.json'} and {len(queries)} figures in {save / 'figures'}")
     return 0

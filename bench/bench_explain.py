@@ -44,6 +44,8 @@ def get_args_parser():
     p.add_argument("--num-queries", type=int, default=27, help="queries (seeded) per method (27 = every demo test image)")
     p.add_argument("--topk", type=int, default=5, help="results per query")
     p.add_argument("--steps", type=int, default=16, help="insertion/deletion curve steps")
+    p.add_argument("--road-percentiles", nargs="+", default=["20", "50", "80"], help="explain.py --road-percentiles")
+    p.add_argument("--target", default="dot", choices=["dot", "cosine"], help="explain.py --target (CAM methods)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=20, help="timed repeats of the Grad-CAM cost measurement")
     p.add_argument("--cost-only", action="store_true", help="only the Grad-CAM cost against forward + backward")
@@ -107,11 +109,12 @@ def main(args):
                     "--test-image-list", str(args.dataset_dir / "test_split.txt"), "--exclude-same-patient",
                     "--method", method, "--topk", str(args.topk), "--num-queries", str(args.num_queries),
                     "--evaluate", "--steps", str(args.steps), "--mask-dir", str(args.dataset_dir / "masks"),
-                    "--device", str(device), "--workers", "0", "--seed", str(args.seed), "--save-dir", tmp])
+                    "--device", str(device), "--workers", "0", "--seed", str(args.seed), "--save-dir", tmp,
+                    "--road-percentiles", *args.road_percentiles, "--target", args.target])
                 rc = E.main(ea)
                 if rc != 0:
                     raw["methods"][method] = {"error": "not supported by this model (see the message above)"}
-                    rows.append(f"| {method} | n/a (not supported by this model) | | | | | |")
+                    rows.append(f"| {method} | n/a (not supported by this model) | | | | | | |")
                     continue
                 res = json.loads((Path(tmp) / "explain.json").read_text())
             sc = res["scores"]
@@ -124,7 +127,7 @@ def main(args):
                 return f"{a:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] / {b:.3f}"
             rows.append(f"| {method} | {cell('pointing_game')} | {cell('mass_inside')} | "
                         f"{sc['uniform_area_fraction']['mean']:.3f} | {cell('insertion_auc')} | "
-                        f"{cell('deletion_auc')} | {res['pairs_per_second']:.2f} |")
+                        f"{cell('deletion_auc')} | {cell('road')} | {res['pairs_per_second']:.2f} |")
             raw["num_pairs"], raw["pairs_scored_for_localisation"] = res["num_pairs"], sc["pointing_game"][method]["n"]
     cost = gradcam_cost(args.resume, args.dataset_dir, device, args.repeats)
     raw["gradcam_cost"] = cost
@@ -136,8 +139,8 @@ def main(args):
         print(f"{raw.get('num_pairs')} pairs ({args.num_queries} queries x top {args.topk}, same patient excluded); "
               f"localisation on the {raw.get('pairs_scored_for_localisation')} whose result has a finding. "
               "Each cell: method mean [95% CI] / random baseline mean.\n")
-        print("| method | pointing game | mass inside | uniform (area) | insertion AUC | deletion AUC | pairs/s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| method | pointing game | mass inside | uniform (area) | insertion AUC | deletion AUC | ROAD | pairs/s |")
+        print("|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
     print(f"\nGrad-CAM of one pair (both sides, 2 images): {1000 * cost['gradcam_pair']:.1f} ms; one forward + "
           f"backward of the 2 images: {1000 * cost['forward_backward']:.1f} ms; ratio {cost['ratio']:.2f}x "

@@ -11,6 +11,9 @@ rotation, scale, contrast and noise. Train and test lists are patient-disjoint. 
 The planted findings are written too, for scoring explanations (explain.py --mask-dir / --boxes):
 OUT/masks/IMAGE_ID.png (255 = finding, 0 elsewhere; all zero for normal images) and OUT/finding_boxes.csv
 (`image_id,x,y,w,h` in pixels, one row per connected finding region; normal images have no row).
+The class is carried only by the planted finding: outside its mask a finding adds nothing, and anatomy, pose,
+contrast and noise are drawn independently of the label. Check: --mask-findings writes the same set with every
+finding masked out, and a model trained on that is at chance (bench/bench_explain_demo.py).
 """
 import argparse
 import math
@@ -63,7 +66,8 @@ def _render(a, size, rng, return_finding=False):
     """One radiograph of patient `a` with per-image pose, contrast and noise drawn from rng.
 
     return_finding: also return the planted finding's mask (bool (size, size)): where the opacity adds at
-    least FINDING_LEVEL of full scale inside the lungs (before gamma and noise), i.e. where it is visible.
+    least FINDING_LEVEL of full scale inside the lungs (before gamma and noise), i.e. where it is visible. The
+    opacity adds nothing elsewhere (its tail below that level is cut), so the mask holds the whole class cue.
     """
     shift = rng.uniform(-0.05, 0.05, size=2)
     angle = math.radians(rng.uniform(-4, 4))
@@ -114,6 +118,9 @@ def _render(a, size, rng, return_finding=False):
         by = a["lung_y"] + v * a["lung_h"]
         opac += strength * np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * rad ** 2))
     added = np.clip(opac, 0, 0.6) * lungs
+    # the finding is ALL the pathology adds: its faint tail (below FINDING_LEVEL) is cut, so an image with the
+    # finding's mask replaced by the same image rendered without pathology has no class cue left (issue 22)
+    added = np.where(added >= FINDING_LEVEL, added, 0.0)
     img += added
 
     gamma = rng.uniform(0.85, 1.15)
@@ -188,8 +195,10 @@ def write_concept_labels(path, seed, lines):
 
 
 def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, seed=0, test_fraction=0.25,
-                   overwrite=False):
-    """Generate the demo dataset; returns a summary dict. Refuses a non-empty folder unless overwrite."""
+                   overwrite=False, mask_findings=False):
+    """Generate the demo dataset; returns a summary dict. Refuses a non-empty folder unless overwrite.
+    mask_findings: every finding masked out (its pixels taken from the same image rendered without pathology;
+    lists, labels and masks unchanged): the leak check, on which a model must be at chance."""
     out = Path(out_dir)
     if num_patients < 2 * len(CLASSES):
         raise ValueError(f"--num-patients must be at least {2 * len(CLASSES)} (a train and a test patient per class)")
@@ -219,6 +228,8 @@ def make_demo_data(out_dir, num_patients=36, images_per_patient=3, size=128, see
         split = "test" if test[i] else "train"
         for j in range(images_per_patient):
             arr, finding = _render(params, size, np.random.default_rng([seed, i, j]), return_finding=True)
+            if mask_findings:
+                arr = np.where(finding, _render({**params, "blobs": []}, size, np.random.default_rng([seed, i, j])), arr)
             name = f"{pid}-{j}.png"
             Image.fromarray(arr, mode="L").save(out / split / name)
             Image.fromarray(finding.astype(np.uint8) * 255, mode="L").save(out / "masks" / name)
@@ -246,13 +257,16 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.25, help="share of each class's patients in test")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replaces demo files)")
+    parser.add_argument("--mask-findings", action="store_true",
+                        help="mask every finding out (its pixels from the image rendered without pathology): a model "
+                             "trained on this must be at chance, since nothing else carries the class")
     return parser
 
 
 def main(args):
     try:
         info = make_demo_data(args.out, args.num_patients, args.images_per_patient, args.size, args.seed,
-                              args.test_fraction, overwrite=args.force)
+                              args.test_fraction, overwrite=args.force, mask_findings=args.mask_findings)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -375,9 +375,22 @@ def test_main_smoke_gradcam_scores_ood(ckpt, demo_data, tmp_path, capsys):
     np.save(ref, np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
     out = tmp_path / "out"
     args = base_args(ckpt, demo_data, out, "--method", "gradcam", "--evaluate", "--steps", "4", "--exclude-same-patient",
-                     "--mask-dir", str(demo_data / "masks"), "--ood-reference", str(ref), "--ood-k", "5")
+                     "--mask-dir", str(demo_data / "masks"), "--ood-reference", str(ref), "--ood-k", "5",
+                     "--road-percentiles", "50", "--sanity", "--layers", "-2")
     assert E.main(args) == 0
     res = json.loads((out / "explain.json").read_text())
+    # the evidence block (/tmp/evidence_schema.md, docs/explain.md): scores next to random, sanity, summary
+    ev = res["evidence"]
+    assert ev["method"] == "gradcam" and ev["target"] == "dot" and ev["num_pairs"] == 4
+    assert ev["layers"] == ["backbone.layer3"] and ev["map_grid"] == [3, 3]  # test_resnet's stage before last, 48 px
+    assert set(ev["scores"]) == {"insertion_auc", "deletion_auc", "road_morf", "road_lerf", "road", "pointing_game",
+                                 "mass_inside"}
+    for v in ev["scores"].values():
+        assert set(v) == {"higher_is_better", "method", "random_baseline", "difference", "verdict"}
+    assert all("road_morf" in p and "road" in p for p in res["pairs"])
+    assert ev["sanity"]["cascade"][0] == "head" and not ev["sanity"]["random_baseline_passed"]
+    printed = capsys.readouterr().out
+    assert "random FAILS" in ev["summary"] and "sanity: gradcam" in printed and "pairs/s" in printed
     assert res["method"] == "gradcam" and res["num_pairs"] == 4 and res["checkpoint"] == str(ckpt)
     for p in res["pairs"]:
         for side in ("result_map", "query_map"):
@@ -391,7 +404,6 @@ def test_main_smoke_gradcam_scores_ood(ckpt, demo_data, tmp_path, capsys):
     assert sc["pointing_game"]["gradcam"]["n"] + sc["pairs_without_finding"] == 4
     assert res["ood"]["num_queries"] == 2
     assert len(list((out / "figures").glob("*.png"))) == 2
-    assert "pairs/s" in capsys.readouterr().out
     assert E.main(args) == 2 and "--overwrite" in capsys.readouterr().err  # nothing replaced without it
     (out / "mine.txt").write_text("user file")
     old_maps = {p["result_map"] for p in res["pairs"]}
@@ -418,6 +430,8 @@ def test_bad_input_fails_before_work(ckpt, demo_data, tmp_path, capsys):
     out = tmp_path / "never"
     assert E.main(base_args(ckpt, demo_data, out, "--query-ids", "nope")) == 2
     assert "--query-ids ['nope']" in capsys.readouterr().err
+    assert E.main(base_args(ckpt, demo_data, out, "--method", "sbsm", "--layers", "-1")) == 2
+    assert "--layers is for the CAM methods" in capsys.readouterr().err
     masks = tmp_path / "masks"
     masks.mkdir()
     first = (demo_data / "test_split.txt").read_text().split()[1][:-4]
@@ -591,3 +605,193 @@ def test_help_states_each_default_once():
     assert not re.search(r"\(default[^)]*\) \(default", text)
     # --device: utils.get_runtime_parser's shared wording
     assert "not given: cuda when available" in text and "(default: 5)" in text
+
+
+# --------------------------------------------------------------------------- issue 22: targets, layers, ROAD, sanity
+
+class RegionTwoStage(nn.Module):
+    """Input gated to REGION, then two bias-free conv stages (16 x 16, then 8 x 8 at 32 px); head = plain GAP.
+    Every feature outside the region is exactly 0 at both stages."""
+
+    def __init__(self, channels=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = Gate(torch.as_tensor(REGION, dtype=torch.float32)[None, None])
+        self.stages = nn.Sequential(nn.Sequential(nn.Conv2d(3, channels, 2, 2, bias=False), nn.ReLU()),
+                                    nn.Conv2d(channels, channels, 2, 2, bias=False))
+        self.num_features = channels
+        self.feature_info = [{"module": "stages.0", "num_chs": channels, "reduction": 2},
+                             {"module": "stages.1", "num_chs": channels, "reduction": 4}]
+        self.pretrained_cfg = {"architecture": "region_two_stage"}
+
+    def forward_features(self, x):
+        return self.stages(self.gate(x))
+
+    def forward_head(self, f, pre_logits=False):
+        return f.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("target", ["cosine", "dot"])
+@pytest.mark.parametrize("method,layers", [("gradcam", ["-1"]), ("gradcam", ["-2"]), ("gradcam", ["-2", "-1"]),
+                                           ("layercam", ["stages.0"])])
+def test_cam_targets_and_layers_sit_on_the_region(target, method, layers):
+    m = timm_like(RegionTwoStage())
+    q, r = pair()
+    with torch.no_grad():
+        eq = m(q[None])[0]
+    spec = E.resolve_layers(m, [f"backbone.{x}" if x.startswith("stages") else x for x in layers])
+    grids = E.layer_grids(m, spec, r)
+    assert grids == [{"-1": (8, 8), "-2": (16, 16), "stages.0": (16, 16)}[x] for x in layers]
+    maps, _ = E.cam_maps(m, spec, method, r[None], eq[None], target=target)
+    assert E.pointing_game(maps[0], REGION) == 1.0
+    assert np.abs(maps[0][far_from(REGION, 2)]).max() < 1e-6
+    assert E.mass_inside(maps[0], REGION) > 0.75  # area fraction 0.19
+
+
+def test_dot_target_gradcam_is_the_exact_split_less_the_bias():
+    # linear-on-GAP: Grad-CAM of z . q_hat at the last map = ReLU(simcam grid - bias share), scaled to [0, 1]
+    import cv2
+    m = timm_like(RegionTwoStage())
+    q, r = pair()
+    with torch.no_grad():
+        eq = m(q[None])[0]
+        z = m.proj(m.backbone.forward_features(r[None]).mean(dim=(2, 3)))[0]
+        bias = float(eq @ m.proj.bias)
+    grid, _ = E.simcam_map(M.linear_gap_head(m), r, eq)
+    g = np.maximum(grid * float(z.norm()) * 64 - bias, 0)  # q . W F_ij, ReLU'd
+
+    def scale(a):  # pytorch-grad-cam's scale_cam_image: min-max, per layer and again after combining
+        return (a - a.min()) / (1e-7 + (a - a.min()).max())
+    hand = scale(cv2.resize(scale(g), (SIZE, SIZE)))
+    maps, _ = E.cam_maps(m, M.explain_layers(m), "gradcam", r[None], eq[None], target="dot")
+    assert np.allclose(maps[0], hand, atol=1e-4)
+    # the model is unchanged by the dot target's wrapper, and a model without a final normalize is refused
+    assert torch.allclose(E.Unnormalised(m)(r[None]), z[None], atol=1e-6)
+    with pytest.raises(ValueError, match="--target dot"):
+        E.Unnormalised(nn.Linear(3, 2))(torch.zeros(1, 3))
+
+
+def test_layers_by_stage_or_name_and_bad_layers():
+    m = timm_like(RegionTwoStage())
+    assert E.resolve_layers(m, None).names == ["backbone"]  # model.explain_layers: the last map
+    assert E.resolve_layers(m, ["-2", "backbone.stages.1"]).names == ["backbone.stages.0", "backbone.stages.1"]
+    with pytest.raises(ValueError, match="2 feature stages"):
+        E.resolve_layers(m, ["5"])
+    with pytest.raises(ValueError, match="no module 'nope'"):
+        E.resolve_layers(m, ["nope"])
+    demo = M.build_model("democnn", embedding_dim=4, img_size=32)
+    assert [n for n, _ in E.cascade_groups(demo)] == ["head", "backbone.stages.3", "backbone.stages.2",
+                                                      "backbone.stages.1", "backbone.stages.0", "stem"]
+
+
+def sanity_args(**kw):
+    import argparse
+    return argparse.Namespace(**{"batch_size": 8, "target": "dot", "window": 8, "stride": 4, "bootstrap": 50,
+                                 "seed": 0, "sanity_threshold": 0.5, **kw})
+
+
+@pytest.mark.parametrize("method", ["gradcam", "random"])
+def test_sanity_check_randomised_model_drops_random_fails(method):
+    torch.manual_seed(0)
+    m = M.build_model("democnn", embedding_dim=8, img_size=SIZE).eval()
+    args = sanity_args()
+    cases = []
+    for seed in range(2):
+        q, r = pair(seed=seed)
+        with torch.no_grad():
+            eq = m(q[None])
+        keys, rkeys = [[0, seed, 0]], [[0, seed, 0, 1]]
+        maps = E.method_maps(m, method, M.explain_layers(m), r[None], eq, args, keys)[0]
+        rmaps = E.method_maps(m, "random", None, r[None], eq, args, rkeys)[0]
+        cases.append((r[None], q, maps, keys, rmaps, rkeys))
+    s = E.sanity_check(m, method, cases, args, M.explain_layers)
+    assert s["cascade"][0] == "head" and s["cascade"][-1] == "stem" and len(s["steps"]) == 6
+    for step in s["random_baseline_steps"]:  # a random map never depended on the model
+        assert step["spearman"]["mean"] == 1.0 and abs(step["ssim"]["mean"] - 1.0) < 1e-9
+    assert not s["random_baseline_passed"] and "random FAILS" in s["summary"]
+    head, final = s["steps"][0], s["steps"][-1]
+    if method == "gradcam":  # a large drop from 1 (the trained model's own map) at the first step already
+        assert head["spearman"]["mean"] < 0.2 and head["ssim"]["mean"] < 0.2
+        assert final["spearman"]["mean"] < 0.5 and final["ssim"]["mean"] < 0.5 and s["passed"]
+    else:
+        assert final["spearman"]["mean"] == 1.0 and not s["passed"] and f"{method} FAILS" in s["summary"]
+
+
+def test_sanity_check_on_the_region_model():
+    # the region model: re-initialised weights move Grad-CAM's map inside the region (the gate is architecture,
+    # not weights, so the map stays there): the rank correlation drops, random's does not
+    m = timm_like(RegionTwoStage())
+    args = sanity_args()
+    q, r = pair()
+    with torch.no_grad():
+        eq = m(q[None])
+    maps = E.method_maps(m, "gradcam", M.explain_layers(m), r[None], eq, args, [[0]])[0]
+    rmaps = E.method_maps(m, "random", None, r[None], eq, args, [[1]])[0]
+    s = E.sanity_check(m, "gradcam", [(r[None], q, maps, [[0]], rmaps, [[1]])], args, M.explain_layers)
+    assert s["random_baseline_steps"][-1]["spearman"]["mean"] == 1.0
+    assert s["steps"][-1]["spearman"]["mean"] < 0.9
+
+
+class LinearEmbedding(nn.Module):
+    """f(x) = normalize(W vec(x)): a hand-made linear model for ROAD."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        return F.normalize(x.flatten(1) @ self.w.T, dim=1)
+
+
+def test_road_on_a_linear_model_by_hand():
+    # 1 channel, 5 x 5; percentile 95 of the ranks 0..24 removes the top 2 (MoRF) or bottom 2 (LeRF) pixels;
+    # placed apart inside the image, each is imputed (no noise) as its 8 neighbours' weighted mean
+    # (1/6 edge, 1/12 corner: pytorch-grad-cam's NoisyLinearImputer, Rong et al.'s weights)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 5, 5, generator=g)
+    w = torch.randn(2, 25, generator=g)
+    model = LinearEmbedding(w)
+    ref = F.normalize(torch.tensor([1.0, 0.5]), dim=0)
+    sal = np.arange(25, dtype=np.float32).reshape(5, 5) * 0 + 0.5
+    sal[1, 1], sal[3, 3] = 2.0, 1.0   # most relevant
+    sal[1, 3], sal[3, 1] = 0.0, 0.1   # least relevant
+
+    def impute(x, where):
+        x = x.clone()
+        k = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]])
+        for i, j in where:
+            x[0, i, j] = (img[0, i - 1:i + 2, j - 1:j + 2] * k).sum()
+        return x
+
+    def cos(x):
+        return float(F.cosine_similarity(x.flatten()[None] @ w.T, ref[None]))
+
+    out = E.road_scores(model, img, ref, sal, percentiles=[95], noise=0.0)
+    assert abs(out["road_morf"] - cos(impute(img, [(1, 1), (3, 3)]))) < 1e-5
+    assert abs(out["road_lerf"] - cos(impute(img, [(1, 3), (3, 1)]))) < 1e-5
+    assert abs(out["road"] - (out["road_lerf"] - out["road_morf"]) / 2) < 1e-12
+    # the noise is seeded: the same seed gives the same scores
+    a, b = (E.road_scores(model, img, ref, sal, percentiles=[50, 95], noise=0.1, seed=1) for _ in range(2))
+    assert a == b
+
+
+@pytest.mark.parametrize("cfg", [
+    {"img_size": 32, "resize_mode": "crop"},                                                  # toolkit: 1.125 x, round
+    {"img_size": 32, "resize_mode": "crop", "resize_size": 32, "crop_rounding": "floor"},     # HF processor (raddino)
+    {"img_size": 28, "resize_mode": "crop", "resize_size": 40, "crop_rounding": "floor"},     # HF 256 -> 224 (dinov2)
+    {"img_size": 32, "resize_mode": "squash"}])
+def test_maps_carried_back_through_each_eval_transform_land_on_the_object(cfg):
+    """The model's input itself used as a 'map': carried back to the original by map_to_original it must put the
+    bright object where it is in the original, for every resize/crop a model's data_config can ask for (a foundation
+    encoder's processor gives resize_size and floor rounding; geometry from 1.125 x would miss the object)."""
+    from dataset import build_transform
+    h, w = 61, 47
+    a = np.zeros((h, w), np.uint8)
+    a[30:40, 20:30] = 255  # inside every centre crop
+    img = Image.fromarray(a).convert("RGB")
+    x = build_transform(cfg["img_size"], [0.0] * 3, [1.0] * 3, resize_mode=cfg["resize_mode"],
+                        resize_size=cfg.get("resize_size"), crop_rounding=cfg.get("crop_rounding", "round"))(img)
+    back = E.map_to_original(x[0].numpy(), (h, w), cfg)
+    obj = a > 0
+    assert back[obj].mean() > 0.8 and back[~obj].mean() < 0.05
+    assert back[np.unravel_index(back.argmax(), back.shape)] > 0.9 and obj[np.unravel_index(back.argmax(), back.shape)]
