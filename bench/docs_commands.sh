@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the demo commands of README.md and docs/*.md as written, in order, from the repository root of a clean
 # clone, and keeps what each printed: the numbers the pages quote come from this log.
-#   bash bench/docs_commands.sh            # log in results/docs_commands.log (about 5 minutes on 2 CPU cores)
+#   bash bench/docs_commands.sh            # log in results/docs_commands.log (about 12 minutes on 2 CPU cores)
 # Stops at the first command that fails. Needs no network (HF_HUB_OFFLINE=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +49,23 @@ run $PYTHON concepts.py profile --probes results/probes/probes.npz --embeddings 
     --output results/profile_test.csv
 run $PYTHON concepts.py explain --embeddings results/emb/test.npy --probes results/probes/probes.npz \
     --query demo0020-0 demo0031-0 --k 8 --exclude-same-patient --save-dir results/concepts_explain
-# docs/explain.md
-run $PYTHON explain.py --resume $CK --dataset-dir data/demo --test-image-list data/demo/test_split.txt \
-    --exclude-same-patient --method gradcam --topk 4 --query-ids demo0031-0 --mask-dir data/demo/masks \
-    --evaluate --device cpu --save-dir results/explain_demo
+# docs/compare.md: the 4-way demo (two stand-in encoders)
+run $PYTHON data/make_standin_encoders.py --out data/demo_encoders --names raddino
+run env BACKBONES="trained:demo; atto=--model convnextv2 --convnext-backbone convnextv2_atto --no-pretrained \
+--img-size 64; raddino=--model raddino --pretrained-weights data/demo_encoders/raddino; xrv=--model xrv --no-pretrained" \
+    OUT_DIR=results/demo4 bash run_backbone_comparison.sh --overwrite
+# docs/explain.md: the explain demo
+run $PYTHON data/make_demo_data.py --out data/demo_explain --num-patients 240 --images-per-patient 2 --size 128 --force
+run $PYTHON train.py --model democnn --img-size 128 --embedding-dim 64 --mining batch_all -p 3 -k 16 --lr 1e-3 \
+    --backbone-lr-mult 1 --exclude-same-patient --val-fraction 0.15 --epochs 8 --workers 0 --overwrite \
+    --dataset-dir data/demo_explain --train-image-list data/demo_explain/train_split.txt \
+    --test-image-list data/demo_explain/test_split.txt --save-dir checkpoints/explain_demo
+run $PYTHON explain.py --resume checkpoints/explain_demo/covid_democnn_embed_64_seed_0/covid_democnn_embed_64_seed_0_best_ckpt.pth \
+    --dataset-dir data/demo_explain --test-image-list data/demo_explain/test_split.txt --exclude-same-patient \
+    --method layercam --layers -3 --topk 3 --num-queries 8 --mask-dir data/demo_explain/masks --evaluate \
+    --road-percentiles 20 50 80 --sanity --workers 0 --overwrite --save-dir results/explain_democnn
+# docs/explore.md
+run $PYTHON explore.py --demo
 # docs/audit.md
 run $PYTHON audit_data.py --dataset-dir data/demo --train-image-list data/demo/train_split.txt \
     --test-image-list data/demo/test_split.txt --save-dir results/audit_demo

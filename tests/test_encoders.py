@@ -381,22 +381,37 @@ def test_extract_embeddings_with_a_local_raddino_folder(demo_data, standins, tmp
 
 
 def test_extract_embeddings_under_torchrun_equals_one_process(demo_data, standins, tmp_path):
-    """Two CPU ranks (gloo), each building the encoder from the local folder: rows in list order, as one process."""
+    """extract_embeddings.py from the local folder in one process, and from a checkpoint of the same encoder (with a
+    trained head) under torchrun with two CPU ranks (gloo): rows in list order, as one process writes them. The one
+    torchrun test of the script (--resume and the rebuild from the stored --pretrained-weights included)."""
     import embeddings
     import extract_embeddings as ee
+    torch.manual_seed(0)
+    m = M.build_model("raddino", pretrained_weights=str(standins["raddino"]), encoder_head=True, embedding_dim=8)
+    ckpt = tmp_path / "raddino_best_ckpt.pth"
+    torch.save(M.make_checkpoint(m, epoch=1, class_names=["normal", "pneumonia", "COVID-19"]), ckpt)
     one, ddp = tmp_path / "one.npy", tmp_path / "ddp.npy"
-    flags = ["--model", "raddino", "--pretrained-weights", str(standins["raddino"]), "--dataset-dir", str(demo_data),
-             "--test-image-list", str(demo_data / "test_split.txt"), "--workers", "0", "--batch-size", "5"]
-    assert ee.run(ee.get_args_parser().parse_args(flags + ["--output", str(one), "--device", "cpu"])) == 0
+    data = ["--dataset-dir", str(demo_data), "--test-image-list", str(demo_data / "test_split.txt"), "--workers", "0",
+            "--batch-size", "5"]
+    assert ee.run(ee.get_args_parser().parse_args(["--resume", str(ckpt), *data, "--output", str(one),
+                                                   "--device", "cpu"])) == 0
     s = embeddings.load(one)
+    assert s.meta["encoder"]["id"] == M.ENCODERS["raddino"]["id"] and s.meta["encoder"]["head"]
+    assert s.meta["encoder"]["licence"] == M.ENCODERS["raddino"]["licence"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "extract_embeddings.py"), *flags, "--output", str(ddp)]
+           str(ROOT / "extract_embeddings.py"), "--resume", str(ckpt), *data, "--output", str(ddp)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = embeddings.load(ddp)
-    assert list(d.image_ids) == list(s.image_ids)
+    assert list(d.image_ids) == list(s.image_ids) and list(d.labels) == list(s.labels)
     np.testing.assert_allclose(d.embeddings, s.embeddings, atol=1e-5)
+    # and the rows are the model's own, in list order
+    from dataset import ImageListDataset
+    ds = ImageListDataset(demo_data / "test_split.txt", demo_data / "test", transform=M.get_transform(m))
+    with torch.no_grad():
+        want = m.eval()(torch.stack([ds[i][0] for i in range(len(ds))]))
+    np.testing.assert_allclose(s.embeddings, want.numpy(), atol=1e-5)
 
 
 def test_torchxrayvision_imports_cleanly_beside_the_toolkit_model():
