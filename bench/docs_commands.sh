@@ -69,6 +69,9 @@ run $PYTHON explore.py --demo
 # docs/audit.md
 run $PYTHON audit_data.py --dataset-dir data/demo --train-image-list data/demo/train_split.txt \
     --test-image-list data/demo/test_split.txt --save-dir results/audit_demo
+run $PYTHON audit_data.py --dataset-dir data/demo --train-image-list data/demo/train_split.txt \
+    --test-image-list data/demo/test_split.txt --resume $CK --save-dir results/audit_cosine
+# (docs/audit.md: the same with --cosine-calibration 0 --write-clean-list X refuses the list, exit 2)
 if [[ -f ../shared/data/covidx/train_split.txt ]]; then
     run $PYTHON audit_data.py --no-images --train-image-list ../shared/data/covidx/train_split.txt \
         --test-image-list ../shared/data/covidx/test_COVIDx4.txt --save-dir results/audit_covidx
