@@ -358,9 +358,8 @@ def encoder_profile(args, vocab, concept_ids):
                           check_files=False)
     images = torch.from_numpy(embed_dataset(wrapper, ds, device, batch_size=args.eval_batch_size,
                                             workers=args.workers, normalize=True)).to(device)
-    with torch.no_grad():
-        pos, neg = concept_text_embeddings(wrapper.encode_text, vocab, concept_ids)
-        prob = pair_probability(images, pos.to(device), neg.to(device), float(wrapper.logit_scale()))
+    pos, neg = concept_text_embeddings(wrapper.encode_text, vocab, concept_ids)  # no_grad inside
+    prob = pair_probability(images, pos.to(device), neg.to(device), wrapper.logit_scale())
     return np.array(ds.image_ids), prob.cpu().numpy()
 
 

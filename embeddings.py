@@ -283,7 +283,7 @@ def make_meta(model=None, *, model_name=None, model_args=None, embedding_dim=Non
     wherever the file lies) or else `weights` (an id, e.g. "microsoft/rad-dino"; default: the weight names
     in model_args, or "random init" for --no-pretrained). `extra` keys (e.g. inputs, world_size) are kept."""
     from utils import git_revision
-    from model import ENCODERS, encoder_info
+    from model import ENCODERS, encoder_info, encoder_row
     encoder = None  # a foundation encoder's row of model.ENCODERS (id, input, normalisation, licence, gated, ...)
     if model is not None:
         model = getattr(model, "module", model)    # DistributedDataParallel
@@ -294,7 +294,7 @@ def make_meta(model=None, *, model_name=None, model_args=None, embedding_dim=Non
         embedding_dim = embedding_dim or int(model.embedding_dim)
     model_args = dict(model_args or {})
     if encoder is None and model_name in ENCODERS:
-        encoder = {k: v for k, v in ENCODERS[model_name].items() if k != "variants"}
+        encoder = encoder_row(model_name)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise ValueError(f"checkpoint {checkpoint}: file not found")

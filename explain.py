@@ -144,10 +144,14 @@ class DotTarget:
 TARGETS = {"cosine": CosineTarget, "dot": DotTarget}
 
 
+class TargetError(ValueError):
+    """--target dot on a model whose output is not an F.normalize result: the model's limit, not the library's."""
+
+
 class Unnormalised(torch.nn.Module):
     """`model` returning z instead of normalize(z): the input of the last F.normalize call of its forward is
     recorded (the call itself is unchanged) and returned. A model whose output is not that call's result is a
-    ValueError: --target dot needs an embedding that is an L2-normalised vector."""
+    TargetError (a ValueError): --target dot needs an embedding that is an L2-normalised vector."""
 
     def __init__(self, model):
         super().__init__()
@@ -166,7 +170,7 @@ class Unnormalised(torch.nn.Module):
         finally:
             F.normalize = normalize
         if not seen or seen[-1][1] is not out:
-            raise ValueError(f"--target dot: the output of {type(self.model).__name__} is not the result of "
+            raise TargetError(f"--target dot: the output of {type(self.model).__name__} is not the result of "
                              "torch.nn.functional.normalize, so its unnormalised embedding is unknown; use --target cosine")
         return seen[-1][0]
 
@@ -222,9 +226,9 @@ def cam_maps(model, spec, method, images, refs, batch_size=32, target="cosine"):
             x, r = images[s:s + batch_size].detach().requires_grad_(True), refs[s:s + batch_size]
             try:
                 out.append(np.asarray(cam(input_tensor=x, targets=[make_target(v) for v in r]), np.float32))
+            except TargetError:
+                raise  # the model, not the library: said as is
             except Exception as e:
-                if isinstance(e, ValueError) and "--target dot" in str(e):
-                    raise  # the model, not the library: said as is
                 msg = str(e).splitlines()[0] if str(e) else ""
                 raise SaliencyError(f"--method {method}: pytorch-grad-cam failed at layer {where} of "
                                     f"{type(model).__name__} ({type(e).__name__}: {msg}); try --method sbsm, "
@@ -464,7 +468,7 @@ ROAD_PERCENTILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
 @torch.no_grad()
-def road_scores(model, image, ref, saliency, percentiles=ROAD_PERCENTILES, noise=0.01, seed=0):
+def road_scores(model, image, ref, saliency, percentiles=ROAD_PERCENTILES, noise=0.01, seed=0, batch_size=32):
     """ROAD (Rong et al. 2022) on the similarity, with pytorch-grad-cam's classes: for each percentile p the
     pixels ranked at or above p (MoRF: most relevant first, the top 100 - p %; LeRF: the least relevant
     100 - p %) are replaced by noisy linear imputation from their neighbours (NoisyLinearImputer, `noise`
@@ -488,7 +492,8 @@ def road_scores(model, image, ref, saliency, percentiles=ROAD_PERCENTILES, noise
         x = torch.stack([remove(p, imputer)(img, relevance) for remove in (RemoveMostRelevantFirst,
                                                                              RemoveLeastRelevantFirst)
                          for p in percentiles]).to(image.device, image.dtype)
-    sims = torch.cat([_cosine(model(x[s:s + 32]).float(), ref) for s in range(0, len(x), 32)]).cpu().numpy()
+    sims = torch.cat([_cosine(model(x[s:s + batch_size]).float(), ref)
+                      for s in range(0, len(x), batch_size)]).cpu().numpy()
     n = len(percentiles)
     out = {"road_morf": float(sims[:n].mean()), "road_lerf": float(sims[n:].mean())}
     out["road"] = (out["road_lerf"] - out["road_morf"]) / 2
@@ -558,26 +563,33 @@ def sanity_check(model, method, cases, args, spec_of):
     (result images (k, 3, S, S), query image (3, S, S), trained result maps (k, S, S), random-map keys (k),
     random-baseline maps (k, S, S), their keys). At each step the next group of cascade_groups (head first)
     is re-initialised in a copy of the model (cumulatively), the query is re-embedded by that copy, and each
-    result's map is recomputed; the trained and randomised maps are compared by map_similarity. Returns the
-    explain.json "sanity" block (per step mean and CI over pairs)."""
+    result's map is recomputed; the trained and randomised maps are compared by map_similarity. A random map
+    depends on its key only, not on the model, so the baseline's comparison is made once and holds at every
+    step. Returns the explain.json "sanity" block (per step mean and CI over pairs)."""
     import copy
+
+    def stats(name, r):
+        return {"randomised": name, **{k: _stat([v[i] for v in r], args.bootstrap, args.seed)
+                                       for i, k in enumerate(("spearman", "ssim"))}}
     rmodel = copy.deepcopy(model).eval()
     groups = cascade_groups(rmodel)
+    how = spec_of(rmodel)  # randomise_ edits parameters in place: the copy's modules stay the same
+    rrows = []
+    for rimgs, _, _, _, rmaps, rkeys in cases:
+        rrows += [map_similarity(a, b) for a, b in zip(rmaps, method_maps(rmodel, "random", None, rimgs, None, args,
+                                                                          rkeys)[0])]
+    rstat = stats(None, rrows)
     steps, rsteps = [], []
     for n, (name, params) in enumerate(groups):
         randomise_(rmodel, params, args.seed + n)
-        how = spec_of(rmodel)
-        rows, rrows = [], []
-        for rimgs, qimg, maps, keys, rmaps, rkeys in cases:
+        rows = []
+        for rimgs, qimg, maps, keys, _, _ in cases:
             with torch.no_grad():
                 ref = rmodel(qimg[None]).float().expand(len(rimgs), -1)
             new = method_maps(rmodel, method, how, rimgs, ref, args, keys)[0]
-            rnew = method_maps(rmodel, "random", None, rimgs, ref, args, rkeys)[0]
             rows += [map_similarity(a, b) for a, b in zip(maps, new)]
-            rrows += [map_similarity(a, b) for a, b in zip(rmaps, rnew)]
-        for out, r in ((steps, rows), (rsteps, rrows)):
-            out.append({"randomised": name, **{k: _stat([v[i] for v in r], args.bootstrap, args.seed)
-                                               for i, k in enumerate(("spearman", "ssim"))}})
+        steps.append(stats(name, rows))
+        rsteps.append({**rstat, "randomised": name})
         print(f"sanity: randomised down to {name:<12} {method}: Spearman {steps[-1]['spearman']['mean']:.3f}, "
               f"SSIM {steps[-1]['ssim']['mean']:.3f}   random: Spearman {rsteps[-1]['spearman']['mean']:.3f}")
     last, rlast = steps[-1]["spearman"]["mean"], rsteps[-1]["spearman"]["mean"]
@@ -595,9 +607,16 @@ def sanity_check(model, method, cases, args, spec_of):
 
 
 def _stat(vals, n_boot, seed):
+    """{mean, ci95 (metrics.bootstrap_ci), n} of vals, None skipped."""
     vals = [v for v in vals if v is not None]
     return {"mean": float(np.mean(vals)) if vals else None, "ci95": metrics.bootstrap_ci(vals, n_boot, seed),
             "n": len(vals)}
+
+
+def _fmt_stat(s):
+    """A _stat summary as "mean [low, high]" ("n/a" without values)."""
+    return "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (
+        f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")
 
 
 # --------------------------------------------------------------------------- localisation
@@ -677,12 +696,9 @@ def mass_inside(saliency, mask):
 
 def summarise(rows, key, classes, n_boot, seed):
     """Mean, bootstrap 95% CI and count of rows[i][key] (None skipped), overall and per class."""
-    def one(vals):
-        vals = [v for v in vals if v is not None]
-        return {"mean": float(np.mean(vals)) if vals else None, "ci95": metrics.bootstrap_ci(vals, n_boot, seed),
-                "n": len(vals)}
-    out = one([r.get(key) for r in rows])
-    out["per_class"] = {c: one([r.get(key) for r, rc in zip(rows, classes) if rc == c]) for c in sorted(set(classes))}
+    out = _stat([r.get(key) for r in rows], n_boot, seed)
+    out["per_class"] = {c: _stat([r.get(key) for r, rc in zip(rows, classes) if rc == c], n_boot, seed)
+                        for c in sorted(set(classes))}
     return out
 
 
@@ -722,10 +738,7 @@ def evidence(args, layers, grid, pairs, rand_rows, keys, scores, sanity):
 
 def evidence_lines(ev):
     """The evidence as short lines for a figure: one per score (method [CI] vs random [CI], verdict), sanity."""
-    def fmt(s):
-        return "n/a" if s["mean"] is None else f"{s['mean']:.3f}" + (
-            f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")
-    lines = [f"{k}: {fmt(v['method'])} vs random {fmt(v['random_baseline'])} ({v['verdict']})"
+    lines = [f"{k}: {_fmt_stat(v['method'])} vs random {_fmt_stat(v['random_baseline'])} ({v['verdict']})"
              for k, v in ev["scores"].items()]
     s = ev["sanity"]
     lines.append("sanity: " + (s["summary"] if s else "not run (--sanity)"))
@@ -964,9 +977,6 @@ def run(args):
         cam_maps(model, how, args.method, first[None], torch.as_tensor(qemb[queries[:1]], device=device),
                  args.batch_size, args.target)
         grid = list(max(layer_grids(model, how, first)))
-    elif args.method == "simcam":
-        grid = list(simcam_map(how, query_ds[queries[0]][0].to(device), torch.as_tensor(qemb[queries[0]],
-                                                                                        device=device))[0].shape)
     save = ensure_writable_dir(args.save_dir)
     remove_previous_outputs(save)
     (save / "maps").mkdir(exist_ok=True)
@@ -984,12 +994,14 @@ def run(args):
         t1 = time.time()
         keys = [[args.seed, int(qi), j] for j in range(len(imgs))]
         maps, branch, grids = method_maps(model, args.method, how, imgs, refs, args, keys)
+        if grids is not None:  # simcam: the grid of its exact split
+            grid = list(grids[0].shape)
         n_maps += len(imgs)
         t_maps += time.time() - t1
         qid = query_ds.image_ids[qi]
         qhw = image_size(query_ds.paths[qi])
         qpatient = query_ds.patient_ids[qi]
-        shown = []
+        shown, rmaps = [], []
         for j, gi in enumerate(gis):
             rid = gallery_ds.image_ids[gi]
             rhw = image_size(gallery_ds.paths[gi])
@@ -1012,12 +1024,14 @@ def run(args):
                     atomic_np_save(save / rel, map_to_original(m, hw, cfg))
                     entry.setdefault("branch_maps", {}).setdefault(bname, {})[f"{side}_map"] = rel
             rnd = {}
-            if args.evaluate or truth is not None:  # the random baseline on the same pair
+            if args.evaluate or truth is not None or args.sanity:  # the random baseline on the same pair
                 rnd["map"] = random_map((size, size), np.random.default_rng([args.seed, int(qi), j, 1]))
+                rmaps.append(rnd["map"])
             if args.evaluate:
                 base = blurred(rimgs[j]) if args.curve_baseline == "blur" else torch.zeros_like(rimgs[j])
                 for tag, m, dst in (("", maps[j], entry), ("random", rnd["map"], rnd)):
-                    dst.update(road_scores(model, rimgs[j], eq, m, args.road_percentiles, args.road_noise, args.seed))
+                    dst.update(road_scores(model, rimgs[j], eq, m, args.road_percentiles, args.road_noise, args.seed,
+                                           args.batch_size))
                     ins, dele = insertion_deletion(model, rimgs[j], eq, m, base, args.steps, args.batch_size)
                     s_img, s_base = float(dele[0]), float(dele[-1])  # the curves' ends: untouched, all baseline
                     dst["insertion_auc"] = curve_auc(ins, s_img, s_base)
@@ -1043,8 +1057,7 @@ def run(args):
                           "query_map": entry["query_map"]})
         if args.sanity:  # the trained maps of this query's results, kept for the randomised model's
             rkeys = [[args.seed, int(qi), j, 1] for j in range(len(gis))]
-            cases.append((rimgs, qimg, maps[:len(gis)], keys[:len(gis)],
-                          np.stack([random_map((size, size), np.random.default_rng(k)) for k in rkeys]), rkeys))
+            cases.append((rimgs, qimg, maps[:len(gis)], keys[:len(gis)], np.stack(rmaps), rkeys))
         note = None
         if ood_ref is not None and ood_flags[qn]:
             note = f"OOD: unlike the archive (score {ood_scores[qn]:.3g})"
@@ -1097,9 +1110,7 @@ def run(args):
     res["pairs"] = pairs
     for key in keys:
         a, b = scores[key][args.method], scores[key]["random_baseline"]
-        fmt = lambda s: ("n/a" if s["mean"] is None else f"{s['mean']:.3f}"  # noqa: E731
-                         + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else ""))
-        print(f"{key:<14} {args.method}: {fmt(a)}   random baseline: {fmt(b)}   (n = {a['n']})")
+        print(f"{key:<14} {args.method}: {_fmt_stat(a)}   random baseline: {_fmt_stat(b)}   (n = {a['n']})")
     if truth is not None:
         u = scores["uniform_area_fraction"]["mean"]
         print(f"uniform map (finding's area fraction): {'n/a' if u is None else f'{u:.3f}'}; "

@@ -299,7 +299,7 @@ def read_explain(dirs, qids, top_ids, notes):
                 continue
             if p["result_id"] not in top_ids[q]:
                 entry["pair_notes"].setdefault(q, []).append(
-                    f"{method}: explain.json's rank {p['rank']} result {p['result_id']} is not in this ranking's "
+                    f"{method}: explain.json's rank {p.get('rank')} result {p['result_id']} is not in this ranking's "
                     f"top {len(top_ids[q])} (another run or --exclude-same-patient setting?): its map is not shown")
                 continue
             entry["maps"][(q, p["result_id"])] = (p.get("result_map"), p.get("query_map"), p.get("rank"))
@@ -392,7 +392,7 @@ def read_ood(args, q, res, notes):
         import ood
         det = ood.load_reference(args.ood_reference, "knn", args.ood_k, seed=args.seed, expected_dim=q.dim)
         scores, flags = ood.score_queries(det, q.embeddings)
-        ref = embeddings.load(args.ood_reference, flag="--ood-reference")
+        ref = embeddings.load(args.ood_reference, required=(), flag="--ood-reference")  # as load_reference reads it
         _, cal = ood.calibration_split(ref.n, ref.labels, ref.patient_ids, 0.2, args.seed)
         cal_scores = np.sort(det.score(ref.embeddings[cal]))
         pct = 100.0 * np.searchsorted(cal_scores, scores, side="right") / len(cal_scores)
@@ -608,17 +608,17 @@ def run(args):
     gs = q if loo else g
     qids, gids = [str(i) for i in q.image_ids], [str(i) for i in gs.image_ids]
     qgrp = q.patient_ids if excl else None
-    cand_min = metrics.candidate_counts(q.labels, None if loo else gs.labels, qgrp,
-                                        None if loo or not excl else gs.patient_ids, excl)[0].min()
-    metrics.check_k([args.topk], metrics.candidate_counts(q.labels, None if loo else gs.labels, qgrp,
-                                                          None if loo or not excl else gs.patient_ids, excl)[0])
+    ggrp = None if loo or not excl else gs.patient_ids
+    gemb, glab = (None, None) if loo else (gs.embeddings, gs.labels)  # None: leave-one-out on the queries
+    counts = metrics.candidate_counts(q.labels, glab, qgrp, ggrp, excl)[0]
+    metrics.check_k([args.topk], counts)
+    cand_min = counts.min()
     n_cand = int(min(args.candidates, cand_min))
     notes = []
     if n_cand < args.candidates:
         notes.append(f"candidates per query: {n_cand} (the gallery after exclusions is smaller than {args.candidates})")
-    rk = metrics.rank(q.embeddings, q.labels, None if loo else gs.embeddings, None if loo else gs.labels, k=n_cand,
-                      exclude_self=loo, query_groups=qgrp, gallery_groups=None if loo or not excl else gs.patient_ids,
-                      full_ranking=False)
+    rk = metrics.rank(q.embeddings, q.labels, gemb, glab, k=n_cand, exclude_self=loo, query_groups=qgrp,
+                      gallery_groups=ggrp, full_ranking=False)
     k = args.topk
     top_ids = {qids[i]: [gids[j] for j in rk.indices[i, :k]] for i in range(q.n)}
     explain = read_explain(args.explain, qids, top_ids, notes)
@@ -638,8 +638,7 @@ def run(args):
         if (cg is None) != loo:
             raise ValueError(f"--compare {spec}: give a gallery set exactly when the main ranking has one")
         crk = metrics.rank(cq.embeddings, cq.labels, None if loo else cg.embeddings, None if loo else cg.labels,
-                           k=k, exclude_self=loo, query_groups=qgrp,
-                           gallery_groups=None if loo or not excl else gs.patient_ids, full_ranking=False)
+                           k=k, exclude_self=loo, query_groups=qgrp, gallery_groups=ggrp, full_ranking=False)
         compare.append((name, crk, qf, gf or None))
 
     save = ensure_writable_dir(args.save_dir)
@@ -718,7 +717,7 @@ def run(args):
                 name = f"maps/{mi}_{i}.png"
                 write_sprite(cells, save / name)
                 mm[i] = {"file": name, "cells": row}
-        methods[mname] = {"maps": mm, "n_cells": 2 * k, "scores": ex["scores"], "evidence": ex["evidence"],
+        methods[mname] = {"maps": mm, "scores": ex["scores"], "evidence": ex["evidence"],
                           "checkpoint": ex["checkpoint"], "notes": ex["pair_notes"], "dir": str(ex["dir"])}
     t_map = time.time() - t_map
 
@@ -744,13 +743,13 @@ def run(args):
             "exclude_same_patient": excl, "tie_rule": metrics.TIE_RULE, "queries": queries, "gallery": gal_items,
             "notes": notes, "methods": {m: {kk: v for kk, v in d.items() if kk != "notes"} for m, d in methods.items()},
             "compare": [c[0] for c in compare],
-            "compare_sources": {c[0]: [c[2], c[3]] for c in compare},
             "hierarchy": None if hier is None else {"source": hier.source, "H": hier.H, "distance": hier.distance_name},
             "sources": {"queries": str(q.path), "gallery": None if loo else str(gs.path),
                         "results": None if args.results is None else str(args.results),
                         "explain": [str(d) for d in args.explain], "ood": None if oodr is None else oodr["source"],
                         "probes": None if args.probes is None else str(args.probes),
-                        "profile": None if args.profile is None else str(args.profile)},
+                        "profile": None if args.profile is None else str(args.profile),
+                        "compare": {c[0]: [c[2], c[3]] for c in compare}},
             "model": q.meta.get("model_name"), "created_utc": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds"), "git": git_revision(),
             "formula": "q' = q/|q| + sum_c a_c w_c/|w_c|; s_j = q'.g_j/(|q'||g_j|) over the candidates; "
@@ -761,17 +760,17 @@ def run(args):
                                                        "ci95", "per_class", "hierarchical", "protocol")
                            if kk in res}
     else:  # no results.json given: the toolkit's metrics of the same ranking
-        ev = metrics.evaluate(q.embeddings, q.labels, None if loo else gs.embeddings, None if loo else gs.labels,
+        ev = metrics.evaluate(q.embeddings, q.labels, gemb, glab,
                               k_values=[kk for kk in (1, 5, 10) if kk <= cand_min], query_groups=qgrp,
-                              gallery_groups=None if loo or not excl else gs.patient_ids, exclude_same_group=excl,
+                              gallery_groups=ggrp, exclude_same_group=excl,
                               class_names=names, bootstrap=200, seed=args.seed, vote_k=())
         data["metrics"] = {kk: ev.get(kk) for kk in ("num_queries", "num_gallery", "R@1", "R@5", "R@10", "mAP",
                                                       "mAP@5", "mAP@10", "MAP@R", "ci95", "per_class") if kk in ev}
         data["metrics"]["computed"] = "metrics.evaluate on the embedding set (no results.json given)"
     if oodr is not None:
-        data["ood"] = {"threshold": oodr["threshold"], "source": oodr["source"], "calibration": oodr["calibration"],
-                       "percentile": "among ID calibration rows" if oodr["percentile"] is not None else None}
-    emb = {"q": b64(unit(q.embeddings)), "g": b64(unit(gs.embeddings[used])), "dim": q.dim}
+        data["ood"] = {"threshold": oodr["threshold"], "source": oodr["source"], "calibration": oodr["calibration"]}
+    qe, ge = unit(q.embeddings), unit(gs.embeddings)
+    emb = {"q": b64(qe), "g": b64(ge[used]), "dim": q.dim}
     if conc is not None:
         cnames, qv, gv, dirs, vocab = conc
         data["concepts"] = {"names": cnames, "labels": [vocab.name(c) if vocab.resolve(c) else c for c in cnames],
@@ -780,7 +779,7 @@ def run(args):
             item["prof"] = [r4(v) for v in qv[i]]
         for j, item in zip(used, gal_items):
             item["prof"] = [r4(v) for v in gv[j]]
-        sentences(q, gs, rk, k, conc, args.concept_threshold, queries)
+        sentences(qe, ge, gs.image_ids, rk, k, conc, args.concept_threshold, queries)
         if dirs is not None:
             emb["dirs"] = b64(dirs)
     atomic_write_text(save / "data.js", "window.EXPLORE = " + json.dumps(data, separators=(",", ":")) + ";\n")
@@ -797,11 +796,10 @@ def run(args):
     return 0
 
 
-def sentences(q, gs, rk, k, conc, thr, queries):
-    """concepts.py's one-sentence explanation of every shown pair (its own functions)."""
+def sentences(qe, ge, gallery_ids, rk, k, conc, thr, queries):
+    """concepts.py's one-sentence explanation of every shown pair (its own functions); qe, ge: unit rows."""
     import concepts as C
     cnames, qv, gv, dirs, vocab = conc
-    qe, ge = unit(q.embeddings), unit(gs.embeddings)
     for i, item in enumerate(queries):
         top = rk.indices[i, :k]
         shares = insides = None
@@ -812,9 +810,8 @@ def sentences(q, gs, rk, k, conc, thr, queries):
         for r, j in enumerate(top):
             pair = C.explain_pair(vocab, cnames, qv[i], gv[j], thr)
             share = None if shares is None or not np.isfinite(shares[r]) else float(shares[r])
-            out.append({"text": C.summary_sentence(vocab, r + 1, str(gs.image_ids[j]), float(rk.sims[i, r]), pair,
-                                                   share, None if insides is None else float(insides[r])),
-                        "shared": [s["concept"] for s in pair["shared"]]})
+            out.append({"text": C.summary_sentence(vocab, r + 1, str(gallery_ids[j]), float(rk.sims[i, r]), pair,
+                                                   share, None if insides is None else float(insides[r]))})
         item["why"] = out
 
 

@@ -19,6 +19,7 @@ Registry (`MODELS`):
     raddino, biomedclip, medsiglip, xrv, dinov2, clip
                          CXR foundation encoders and baselines (table: ENCODERS, shown by --help), each loaded
                          with its authors' library and fed by its own processor; frozen [-> --encoder-head Linear]
+    democnn              a small conv net (4 stages -> GAP [-> Linear]), random init: the explain demo's model
 
 Scripts get the flags from `get_model_parser()` and the arguments from `model_args_from_cli(args)`;
 they never branch on the model name.
@@ -157,6 +158,18 @@ def _env_true(name):
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _hf_offline():
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def _is_local(src):
+    """Whether a weights source names a local folder (an existing one, or a path) rather than a hub id."""
+    return Path(src).expanduser().is_dir() or src.startswith((".", "/", "~")) or src.count("/") > 1
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def _hf_cache_dir():
     """The Hugging Face hub cache the environment names now (huggingface_hub reads it once, at import)."""
     for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
@@ -212,8 +225,7 @@ def _check_conceptclip(path, pretrained):
     path = str(path)
     flag, fix = "--conceptclip-path", ("download it once on a machine with network access (huggingface-cli "
                                        f"download {DEFAULT_CONCEPTCLIP} --local-dir DIR) and pass --conceptclip-path DIR")
-    weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
+    weight_files = _HF_WEIGHTS
     local = Path(path).expanduser()
     if local.is_dir():
         missing = [n for n in ("config.json",) if not (local / n).is_file()]
@@ -222,9 +234,9 @@ def _check_conceptclip(path, pretrained):
         if missing:
             raise WeightsUnavailableError(f"{flag} {path}: the folder lacks {', '.join(missing)}; {fix}")
         return
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if _is_local(path):
         raise WeightsUnavailableError(f"{flag} {path}: folder not found; {fix}")
-    if not (_env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")):
+    if not _hf_offline():
         return  # transformers downloads it
     if not _hub_has(path, ("config.json",)) or (pretrained and not _hub_has(path, weight_files)):
         raise WeightsUnavailableError(f"ConceptCLIP '{path}' is not in the Hugging Face cache "
@@ -817,13 +829,18 @@ def encoders_help():
                      f"{r['licence']}{', GATED' if r['gated'] else ''}" for name, r in ENCODERS.items())
 
 
+def encoder_row(name):
+    """A copy of ENCODERS[name] as an embedding set's meta shows it (the xrv variants table left out)."""
+    return {k: v for k, v in ENCODERS[name].items() if k != "variants"}
+
+
 def encoder_info(model):
     """The ENCODERS row of `model` (a copy, with the weights source, backbone, input size and dim it was built
     with), or None for models that are not foundation encoders. For an embedding set's meta."""
     model = _unwrap(model)
     if not isinstance(model, FoundationEncoder):
         return None
-    row = {k: v for k, v in ENCODERS[model.model_name].items() if k != "variants"}
+    row = encoder_row(model.model_name)
     row.update(name=model.model_name, source=model.source or "torchxrayvision's cache (~/.torchxrayvision)",
                input_size=int(model.data_config["img_size"]), native_dim=int(model.native_dim),
                embedding_dim=int(model.embedding_dim), head=model.head is not None)
@@ -889,10 +906,6 @@ def import_torchxrayvision():
     return torchxrayvision
 
 
-def _hf_offline():
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-
-
 def _encoder_source(name, pretrained_weights):
     """The weights source of encoder `name`: --pretrained-weights (local folder or hub id) or the official id."""
     if name == "xrv":
@@ -901,11 +914,6 @@ def _encoder_source(name, pretrained_weights):
     return src[len("hf-hub:"):] if src.startswith("hf-hub:") else src
 
 
-def _is_local(src):
-    return Path(src).expanduser().is_dir() or src.startswith((".", "/", "~")) or src.count("/") > 1
-
-
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
                       "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 
@@ -1026,7 +1034,7 @@ class FoundationEncoder(EmbeddingModel):
     """Shared behaviour of the foundation encoders: the tower (`self.net`, frozen by default) maps the input to its
     native features, micro-batched; an optional trainable Linear (--encoder-head) maps them to --embedding-dim;
     the output is L2-normalised. Subclasses load the tower and its processor (`_load`), encode (`_encode`) and
-    name the layer the CAM methods explain (`explain_layer`). A text tower, where there is one, stays frozen and
+    give the layer the CAM methods explain (`explain_layer() -> (module, reshape)`). A text tower, where there is one, stays frozen and
     `encode_text(prompts) -> (T, D)` (has_text_tower = True) embeds prompts in the image embeddings' space."""
 
     ARG_NAMES = ("pretrained_weights", "embedding_dim", "encoder_head", "encoder_batch_size", "pretrained",
@@ -1051,7 +1059,7 @@ class FoundationEncoder(EmbeddingModel):
                 p.requires_grad_(False)  # the text tower: no gradient from an image loss, no DDP unused parameters
         self.micro_batch = int(encoder_batch_size)
         self.head = nn.Linear(self.native_dim, embedding_dim or self.native_dim) if encoder_head else None
-        self.embedding_dim = int(embedding_dim or self.native_dim) if encoder_head else int(self.native_dim)
+        self.embedding_dim = self.head.out_features if self.head is not None else int(self.native_dim)
         args = {"pretrained_weights": pretrained_weights if pretrained_weights is None else str(pretrained_weights),
                 "embedding_dim": embedding_dim, "encoder_head": bool(encoder_head),
                 "encoder_batch_size": self.micro_batch, "pretrained": bool(pretrained),
@@ -1062,6 +1070,12 @@ class FoundationEncoder(EmbeddingModel):
 
     def _is_image_param(self, name):
         return True
+
+    def _unavailable(self, src, e):
+        """The one-line error of a failed load of the tower from `src`."""
+        return WeightsUnavailableError(f"could not load {self.model_name} from '{src}' ({type(e).__name__}: "
+                                       f"{_first_line(e)}); on a machine with network access run "
+                                       f"{ENCODERS[self.model_name]['fetch']} and pass --pretrained-weights DIR")
 
     def pretrained_modules(self):
         return [self.net]
@@ -1102,7 +1116,6 @@ class _HFVisionEncoder(FoundationEncoder):
 
     def _load(self, src, pretrained, backbone):
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
-        row = ENCODERS[self.model_name]
         try:
             if pretrained:
                 net = AutoModel.from_pretrained(src)
@@ -1110,16 +1123,8 @@ class _HFVisionEncoder(FoundationEncoder):
                 net = AutoModel.from_config(AutoConfig.from_pretrained(src))
             ip = AutoImageProcessor.from_pretrained(src)
         except (OSError, ValueError) as e:
-            raise WeightsUnavailableError(f"could not load {self.model_name} from '{src}' ({type(e).__name__}: "
-                                          f"{_first_line(e)}); on a machine with network access run {row['fetch']} "
-                                          "and pass --pretrained-weights DIR") from e
+            raise self._unavailable(src, e) from e
         return net, _hf_data_config(ip, src), self._width(net.config)
-
-    def _tokenizer(self):
-        if getattr(self, "_tok", None) is None:
-            from transformers import AutoTokenizer
-            self._tok = AutoTokenizer.from_pretrained(self.source)
-        return self._tok
 
 
 class RadDinoEncoder(_HFVisionEncoder):
@@ -1135,7 +1140,7 @@ class RadDinoEncoder(_HFVisionEncoder):
     def explain_layer(self):
         layers = self.net.encoder.layer
         prefix = 1 + int(getattr(self.net.config, "num_register_tokens", 0) or 0)  # class + register tokens
-        return f"encoder.layer.{len(layers) - 1}.norm1", layers[-1].norm1, (lambda t: tokens_to_map(t, prefix))
+        return layers[-1].norm1, (lambda t: tokens_to_map(t, prefix))
 
 
 class DinoV2Encoder(RadDinoEncoder):
@@ -1146,7 +1151,6 @@ class DinoV2Encoder(RadDinoEncoder):
 class _HFCLIPEncoder(_HFVisionEncoder):
     """A transformers CLIP-style model: image features from get_image_features, text from get_text_features."""
     has_text_tower = True
-    text_padding = {"padding": True}
     prefix_tokens = 1
 
     def _is_image_param(self, name):
@@ -1159,8 +1163,13 @@ class _HFCLIPEncoder(_HFVisionEncoder):
     def explain_layer(self):
         layers = self.net.vision_model.encoder.layers
         n = self.prefix_tokens
-        return (f"vision_model.encoder.layers.{len(layers) - 1}.layer_norm1", layers[-1].layer_norm1,
-                (lambda t: tokens_to_map(t, n)))
+        return layers[-1].layer_norm1, (lambda t: tokens_to_map(t, n))
+
+    def _tokenizer(self):
+        if getattr(self, "_tok", None) is None:
+            from transformers import AutoTokenizer
+            self._tok = AutoTokenizer.from_pretrained(self.source)
+        return self._tok
 
     @torch.no_grad()
     def encode_text(self, prompts):
@@ -1211,14 +1220,11 @@ class BiomedCLIPEncoder(FoundationEncoder):
 
     def _load(self, src, pretrained, backbone):
         import open_clip
-        row = ENCODERS[self.model_name]
         try:
             net = open_clip.create_model(self._open_clip_name(src), load_weights=pretrained,
                                          require_pretrained=pretrained, pretrained_image=False, pretrained_text=False)
         except (OSError, ValueError, RuntimeError) as e:
-            raise WeightsUnavailableError(f"could not load biomedclip from '{src}' ({type(e).__name__}: "
-                                          f"{_first_line(e)}); on a machine with network access run {row['fetch']} "
-                                          "and pass --pretrained-weights DIR") from e
+            raise self._unavailable(src, e) from e
         pc = dict(net.visual.preprocess_cfg)
         size = pc["size"] if isinstance(pc["size"], int) else pc["size"][0]
         if not isinstance(pc["size"], int) and pc["size"][0] != pc["size"][1]:
@@ -1248,8 +1254,7 @@ class BiomedCLIPEncoder(FoundationEncoder):
     def explain_layer(self):
         trunk = self.net.visual.trunk
         n = int(getattr(trunk, "num_prefix_tokens", 1))
-        return (f"visual.trunk.blocks.{len(trunk.blocks) - 1}.norm1", trunk.blocks[-1].norm1,
-                (lambda t: tokens_to_map(t, n)))
+        return trunk.blocks[-1].norm1, (lambda t: tokens_to_map(t, n))
 
     @torch.no_grad()
     def encode_text(self, prompts):
@@ -1313,24 +1318,12 @@ class XRayVisionEncoder(FoundationEncoder):
 
     def explain_layer(self):
         if self.variant.startswith("densenet"):
-            return "features.norm5", self.net.features.norm5, (lambda t: t)
-        return "layer4", self.net.layer4, (lambda t: t)
+            return self.net.features.norm5, (lambda t: t)
+        return self.net.layer4, (lambda t: t)
 
 
 ENCODER_MODELS = {"raddino": RadDinoEncoder, "biomedclip": BiomedCLIPEncoder, "medsiglip": MedSigLIPEncoder,
                   "xrv": XRayVisionEncoder, "dinov2": DinoV2Encoder, "clip": CLIPEncoder}
-
-
-MODELS = {
-    "convnextv2": ConvNeXtV2Embedding,
-    "vit": ViTEmbedding,
-    "hybrid_convnext_vit": HybridConvNeXtViT,
-    "resnet50": ResNet50Embedding,
-    "densenet121": DenseNet121Embedding,
-    "timm": TimmEmbedding,
-    "conceptclip": ConceptCLIPEmbedding,
-    **ENCODER_MODELS,
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1387,7 +1380,17 @@ class SmallConvNetEmbedding(TimmEmbedding):
                       "freeze_backbone": bool(freeze_backbone)}, freeze_backbone)
 
 
-MODELS["democnn"] = SmallConvNetEmbedding
+MODELS = {
+    "convnextv2": ConvNeXtV2Embedding,
+    "vit": ViTEmbedding,
+    "hybrid_convnext_vit": HybridConvNeXtViT,
+    "resnet50": ResNet50Embedding,
+    "densenet121": DenseNet121Embedding,
+    "timm": TimmEmbedding,
+    "conceptclip": ConceptCLIPEmbedding,
+    **ENCODER_MODELS,
+    "democnn": SmallConvNetEmbedding,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1718,7 +1721,7 @@ def explain_layers(model):
         _, module, prefix = _conceptclip_explain_layer(model.clip)
         return ExplainSpec([("siglip", module)], lambda t: tokens_to_map(t, prefix))
     if isinstance(model, FoundationEncoder):  # token grids with their prefix tokens dropped; conv maps as they are
-        _, module, reshape = model.explain_layer()
+        module, reshape = model.explain_layer()
         return ExplainSpec([(model.model_name, module)], reshape)
     raise ValueError(f"no explanation layers are known for {type(model).__name__}; use --method sbsm or random")
 

@@ -290,36 +290,41 @@ extract() {  # extract NAME "MODEL FLAGS" [extra flags: another list]
     echo "== extracting $1: ${flags[*]}"
     "${LAUNCH[@]}" extract_embeddings.py "${flags[@]}" "${COMMON[@]}" "${extra[@]}" --output "$out"
 }
+# learned fusion: trained on the TRAINING list's embeddings (epoch chosen on its patient-disjoint validation split),
+# applied to the test list's: the test list is never used for training or selection
+learned_fusion() {  # learned_fusion OUTPUT LEARNED_NAME NAME "MODEL FLAGS" [NAME "MODEL FLAGS" ...]; sets LEARNED
+    local output=$1 label=$2 train_dir=$DATASET_DIR names=() train_sets=() test_sets=() fusion_dir=$OUT_DIR/fusion
+    local fusion_flags=(--seed "$SEED" --device cpu)  # the head is small; train_fusion.py's default is CUDA when there
+    shift 2
+    [[ -d "$DATASET_DIR/train" ]] && train_dir=$DATASET_DIR/train
+    [[ "$OVERWRITE" == 1 ]] && fusion_flags+=(--overwrite)
+    while [[ $# -gt 0 ]]; do
+        extract "train_$1" "$2" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$train_dir"
+        names+=("$1")
+        train_sets+=("$EMB_DIR/train_$1.npy")
+        test_sets+=("$EMB_DIR/$1.npy")
+        shift 2
+    done
+    echo "== training the $FUSION_HEAD fusion head on the training list's embeddings of $(IFS=+; echo "${names[*]}")"
+    "$PYTHON" train_fusion.py --embeddings "${train_sets[@]}" --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" \
+        --save-dir "$fusion_dir" "${fusion_flags[@]}"
+    local ckpt
+    ckpt=$(ls -t "$fusion_dir"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
+    "$PYTHON" train_fusion.py --apply "$ckpt" --embeddings "${test_sets[@]}" --output "$output" "${fusion_flags[@]}"
+    LEARNED=(--learned-embeddings "$output" --learned-name "$label")
+}
 if [[ -n "$BACKBONES" ]]; then
     # ----------------------------------------------------------------------------- N-way: every entry, then compare
     for i in "${!BB_NAMES[@]}"; do extract "${BB_NAMES[$i]}" "${BB_FLAGS[$i]}"; done
     LEARNED=()
     if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
-        TRAIN_IMG_DIR=$DATASET_DIR
-        [[ -d "$DATASET_DIR/train" ]] && TRAIN_IMG_DIR=$DATASET_DIR/train
-        TRAIN_SETS=()
-        TEST_SETS=()
+        FUSED=()  # NAME "MODEL FLAGS" of each FUSION_SUBSET entry
         for f in "${FUSE[@]}"; do
-            for i in "${!BB_NAMES[@]}"; do
-                [[ "${BB_NAMES[$i]}" == "$f" ]] && extract "train_$f" "${BB_FLAGS[$i]}" \
-                    --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
-            done
-            TRAIN_SETS+=("$EMB_DIR/train_$f.npy")
-            TEST_SETS+=("$EMB_DIR/$f.npy")
+            for i in "${!BB_NAMES[@]}"; do [[ "${BB_NAMES[$i]}" == "$f" ]] && FUSED+=("$f" "${BB_FLAGS[$i]}"); done
         done
-        SUBSET_TAG=$(IFS=+; echo "${FUSE[*]}")
-        echo "== training the $FUSION_HEAD fusion head on the training list's embeddings of $SUBSET_TAG"
-        FUSION_DIR=$OUT_DIR/fusion
-        FUSION_FLAGS=(--seed "$SEED" --device cpu)
-        [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
-        "$PYTHON" train_fusion.py --embeddings "${TRAIN_SETS[@]}" --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" \
-            --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"
-        CKPT=$(ls -t "$FUSION_DIR"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
         # the fused set belongs to this run (its subset and head), not to the shared EMB_DIR
-        "$PYTHON" train_fusion.py --apply "$CKPT" --embeddings "${TEST_SETS[@]}" --output "$FUSION_DIR/fused.npy" \
-            "${FUSION_FLAGS[@]}"
-        LEARNED=(--learned-embeddings "$FUSION_DIR/fused.npy"
-                 --learned-name "Learned $FUSION_HEAD fusion ($SUBSET_TAG)")
+        learned_fusion "$OUT_DIR/fusion/fused.npy" "Learned $FUSION_HEAD fusion ($(IFS=+; echo "${FUSE[*]}"))" \
+            "${FUSED[@]}"
     fi
     read -r -a ALPHAS <<< "$FUSION_ALPHAS"
     read -r -a KS <<< "$K_VALUES"
@@ -340,24 +345,9 @@ extract model1 "$MODEL1_ARGS"
 extract model2 "$MODEL2_ARGS"
 
 # ----------------------------------------------------------------------------- step 2b: learned fusion
-# trained on the TRAINING list's embeddings (epoch chosen on its patient-disjoint validation split), applied to
-# the test list's: the test list is never used for training or selection
 LEARNED=()
 if [[ "$LEARNED_FUSION" == 1 && -n "$TRAIN_LIST" ]]; then
-    TRAIN_IMG_DIR=$DATASET_DIR
-    [[ -d "$DATASET_DIR/train" ]] && TRAIN_IMG_DIR=$DATASET_DIR/train
-    extract train_model1 "$MODEL1_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
-    extract train_model2 "$MODEL2_ARGS" --test-image-list "$TRAIN_LIST" --test-dataset-dir "$TRAIN_IMG_DIR"
-    echo "== training the $FUSION_HEAD fusion head on the training list's embeddings"
-    FUSION_DIR=$OUT_DIR/fusion
-    FUSION_FLAGS=(--seed "$SEED" --device cpu)  # the head is small; train_fusion.py's default is now CUDA when there
-    [[ "$OVERWRITE" == 1 ]] && FUSION_FLAGS+=(--overwrite)
-    "$PYTHON" train_fusion.py --embeddings "$EMB_DIR/train_model1.npy" "$EMB_DIR/train_model2.npy" \
-        --head "$FUSION_HEAD" --epochs "$FUSION_EPOCHS" --save-dir "$FUSION_DIR" "${FUSION_FLAGS[@]}"
-    CKPT=$(ls -t "$FUSION_DIR"/fusion_"$FUSION_HEAD"_*/*_best_ckpt.pth | head -n 1)
-    "$PYTHON" train_fusion.py --apply "$CKPT" --embeddings "$EMB_DIR/model1.npy" "$EMB_DIR/model2.npy" \
-        --output "$EMB_DIR/fused.npy" "${FUSION_FLAGS[@]}"
-    LEARNED=(--learned-embeddings "$EMB_DIR/fused.npy" --learned-name "Learned $FUSION_HEAD fusion")
+    learned_fusion "$EMB_DIR/fused.npy" "Learned $FUSION_HEAD fusion" model1 "$MODEL1_ARGS" model2 "$MODEL2_ARGS"
 fi
 
 # ----------------------------------------------------------------------------- step 3: comparison

@@ -175,13 +175,29 @@ def load_sets(args):
     if s1.patient_ids is None and args.exclude_same_patient:
         raise ValueError(f"patient ids file {files['patient_ids']} not found; --exclude-same-patient needs "
                          f"--patient-ids P.npy")
-    ids = next((s.image_ids for s in (s1, s2) if s.image_ids is not None), np.arange(s1.n).astype(str))
-    s1, s2 = (s if s.image_ids is not None else replace(s, image_ids=ids) for s in (s1, s2))
-    if s2.labels is None and s2.class_names is None:  # nothing of model 2's classes to match
-        s2 = replace(s2, class_names=s1.class_names)
-    s2 = embeddings.align(s1, s2)
+    s1, s2 = align_to_first([s1, s2])
     args._class_names_from_meta = s1.class_names
     return s1, s2
+
+
+def align_to_first(sets, names=None):
+    """Every set in the first's image order and class numbering (embeddings.align: rows by image id, classes by
+    name). A set without image ids takes the first ids found (else 0..N-1), so it is matched by position; a set
+    with neither labels nor class names takes the first's class names. names given: an align error says which
+    two NAMEs (--embeddings) it is about."""
+    ids = next((s.image_ids for s in sets if s.image_ids is not None), np.arange(sets[0].n).astype(str))
+    first, *rest = (s if s.image_ids is not None else replace(s, image_ids=ids) for s in sets)
+    out = [first]
+    for i, s in enumerate(rest, 1):
+        if s.labels is None and s.class_names is None:  # nothing of this set's classes to match
+            s = replace(s, class_names=first.class_names)
+        try:
+            out.append(embeddings.align(first, s))
+        except ValueError as e:  # align names both files; say which NAMEs they are
+            if names is None:
+                raise
+            raise ValueError(f"--embeddings {names[i]} vs {names[0]}: {e}") from e
+    return out
 
 
 def load_inputs(args):
@@ -415,6 +431,22 @@ def zscore_rows(s, self_col):
     return (s - mean[:, None].astype(np.float32)) / std[:, None].astype(np.float32)
 
 
+def patient_codes(patient_ids):
+    """Integer codes of patient ids (N,), or None without them."""
+    if patient_ids is None:
+        return None
+    return np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1].reshape(-1)
+
+
+def exclusion_mask(rows, n, pid):
+    """(c, n) bool: each query row's own image (by index) and, given patient codes, its patient's images."""
+    exclude = np.zeros((len(rows), n), bool)
+    exclude[np.arange(len(rows)), rows] = True
+    if pid is not None:
+        exclude |= pid[rows][:, None] == pid[None, :]
+    return exclude
+
+
 def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=None, chunk_size=None,
                        progress=True, rankings=None, rrf_k=RRF_K):
     """All pairwise quantities, chunked over query rows so memory grows with chunk_size x N, never N x N.
@@ -430,9 +462,7 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
     n = len(labels)
     t1, t2 = torch.from_numpy(np.ascontiguousarray(e1)), torch.from_numpy(np.ascontiguousarray(e2))
     lab = np.asarray(labels, dtype=np.int64)
-    pid = None
-    if patient_ids is not None:
-        pid = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1].reshape(-1)
+    pid = patient_codes(patient_ids)
     na = len(alphas)
     out = {"rho": np.empty(n), "fusion": np.empty((na, n)), "zscore": np.empty((na, n)), "rrf": np.empty(n)}
     rankings = rankings or [_ranking(e, lab, k, patient_ids, chunk_size, full_ranking=True) for e in (e1, e2)]
@@ -442,13 +472,10 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
     step = chunk_size or CHUNK_ROWS
     for r0 in tqdm(range(0, n, step), desc="comparing", unit="chunk", disable=not progress):
         rows = np.arange(r0, min(n, r0 + step))
-        c, sl = len(rows), slice(r0, r0 + len(rows))
+        sl = slice(r0, r0 + len(rows))
         with torch.no_grad():
             s1, s2 = (t1[rows] @ t1.T).numpy(), (t2[rows] @ t2.T).numpy()  # (c, n) cosine similarities
-        exclude = np.zeros((c, n), bool)
-        exclude[np.arange(c), rows] = True                                 # self, by index
-        if pid is not None:
-            exclude |= pid[rows][:, None] == pid[None, :]
+        exclude = exclusion_mask(rows, n, pid)
         relevant = lab[rows][:, None] == lab[None, :]
 
         def topk_rel(sim):
@@ -467,15 +494,19 @@ def compare_embeddings(e1, e2, labels, k=5, alphas=(0.3, 0.5, 0.7), patient_ids=
     return out
 
 
+def heldout_split(n, seed):
+    """(select, evaluate): a seeded random half of the n queries and the other half, each sorted."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
 def heldout_alpha(fusion_aps, alphas, seed):
     """Choose alpha on a seeded random half of the queries, report its mAP@k on the other half.
 
     fusion_aps: (num_alphas, N) per-query AP@k. Ties between alphas go to the first in `alphas`.
     Returns (alpha, map_on_eval_half, select_indices, eval_indices).
     """
-    n = fusion_aps.shape[1]
-    perm = np.random.default_rng(seed).permutation(n)
-    select, evaluate = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    select, evaluate = heldout_split(fusion_aps.shape[1], seed)
     best = int(np.argmax(fusion_aps[:, select].mean(1)))
     return float(alphas[best]), float(fusion_aps[best, evaluate].mean()), select, evaluate
 
@@ -677,22 +708,14 @@ def load_named_sets(args):
     if first.patient_ids is None and args.exclude_same_patient:
         raise ValueError(f"patient ids file {files['patient_ids']} not found (set {name0}); --exclude-same-patient "
                          f"needs --patient-ids P.npy")
-    # a set without image ids is matched by position (as the two-model mode): it takes the first ids found
-    ids = next((s.image_ids for s in sets if s.image_ids is not None), np.arange(first.n).astype(str))
-    out = []
-    for (name, _), s in zip(pairs, sets):
+    names = [n for n, _ in pairs]
+    for name, s in zip(names, sets):
         if s.n != first.n:
             raise ValueError(f"--embeddings {name} ({s.path}, {s.n} images) and {name0} ({first.path}, {first.n} "
                              f"images) are not of the same image list; extract every set from the same list")
-        s = s if s.image_ids is not None else replace(s, image_ids=ids)
-        if s is not first and s.labels is None and s.class_names is None:
-            s = replace(s, class_names=first.class_names)
-        try:
-            out.append(s if not out else embeddings.align(out[0], s))
-        except ValueError as e:  # align names both files; say which NAMEs they are
-            raise ValueError(f"--embeddings {name} vs {name0}: {e}") from e
+    out = align_to_first(sets, names)
     args._class_names_from_meta = out[0].class_names
-    return [n for n, _ in pairs], out
+    return names, out
 
 
 def adjust_pvalues(p, method="holm"):
@@ -743,7 +766,7 @@ def rrf_all(es, labels, k, patient_ids=None, chunk_size=None, rrf_k=RRF_K):
     the fused top-k when patient_ids are given. Chunked over query rows: memory c x N per set."""
     n = len(labels)
     lab = np.asarray(labels, dtype=np.int64)
-    pid = None if patient_ids is None else np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)[1]
+    pid = patient_codes(patient_ids)
     ts = [torch.from_numpy(np.ascontiguousarray(e)) for e in es]
     out = np.empty(n)
     step = chunk_size or CHUNK_ROWS
@@ -756,11 +779,7 @@ def rrf_all(es, labels, k, patient_ids=None, chunk_size=None, rrf_k=RRF_K):
                 s = (t[rows] @ t.T).numpy()
             s[ar, rows] = -np.inf  # self ranks last in every set
             fused += rrf_scores(rrf_ranks(s), k=rrf_k)
-        exclude = np.zeros((len(rows), n), bool)
-        exclude[ar, rows] = True
-        if pid is not None:
-            exclude |= pid[rows][:, None] == pid[None, :]
-        idx = metrics.topk_from_similarity(fused, k, exclude_mask=exclude)
+        idx = metrics.topk_from_similarity(fused, k, exclude_mask=exclusion_mask(rows, n, pid))
         out[rows] = metrics.map_at_k(lab[idx] == lab[rows][:, None], k)
     return out
 
@@ -916,9 +935,10 @@ def run_nway(args):
                 args.correction)
     # 4. fusions on held-out queries: alpha chosen on a seeded half (the same half for every pair), scored on the
     #    other; each fusion against the better of its inputs there, RRF over all against the best model there
-    _, _, select, evaluate = heldout_alpha(next(iter(pairs.values()))["fusion"], alphas, args.seed)
+    select, evaluate = heldout_split(n, args.seed)
     g_eval = None if groups is None else groups[evaluate]
     heldout = {nm: s[key][evaluate] for nm, s in zip(names, per_query)}
+    best_model = max(names, key=lambda m: heldout[m].mean())  # before any fusion row joins `heldout`
     fusion_rows, fusion_tests = [], []
     for (i, j), r in pairs.items():
         alpha, h_map, _, _ = heldout_alpha(r["fusion"], alphas, args.seed)
@@ -930,13 +950,13 @@ def run_nway(args):
     rrf_name = f"RRF all (k={args.rrf_k})"
     heldout[rrf_name] = rrf[evaluate]
     fusion_rows.append({"models": list(names), "name": rrf_name, key: float(rrf[evaluate].mean()),
-                        "better_input": max(names, key=lambda m: heldout[m].mean())})
+                        "better_input": best_model})
     if e_learned is not None:
         learned = single_model_scores(e_learned, labels, k, groups_excl, args.chunk_size)
         heldout[args.learned_name] = learned[0][evaluate]
         fusion_rows.append({"models": "see the set's meta (train_fusion.py --apply)", "name": args.learned_name,
                             key: float(learned[0][evaluate].mean()),
-                            "better_input": max(names, key=lambda m: heldout[m].mean())})
+                            "better_input": best_model})
     for f in fusion_rows:
         fusion_tests += metrics.paired_comparison({f["name"]: heldout[f["name"]], f["better_input"]:
                                                    heldout[f["better_input"]]}, g_eval, args.bootstrap,

@@ -133,7 +133,7 @@
     var top = D.queries[qi].top;
     for (var r = 0; r < top.length; r++) if (top[r] === g) {
       var c = row.cells[r]; if (!c) return null;
-      var at = function (col) { return col === undefined ? null : {file: row.file, col: col, n: M.n_cells}; };
+      var at = function (col) { return col === undefined ? null : {file: row.file, col: col, n: 2 * D.k}; };
       return {r: at(c.r), q: at(c.q), rnote: c.rnote, qnote: c.qnote};
     }
     return null;
@@ -363,7 +363,6 @@
     $("info").textContent = D.queries.length + " queries · top " + D.k + " · " + (D.loo ? "leave-one-out" : "gallery " + D.sources.gallery) +
       (D.exclude_same_patient ? " · same patient excluded" : "") + " · " + (D.model || "") + " · " + D.tie_rule;
     $("notes").innerHTML = (D.notes || []).map(function (n) { return "<div>" + esc(n) + "</div>"; }).join("");
-    D.gallery.forEach(function (g, i) { g.gidx = g.gidx === undefined ? i : g.gidx; });
     readHash();
     buildFilters(); renderList(); renderDetail(); setView(S.view);
     window.EXPLORE_READY = true;

@@ -132,7 +132,7 @@ def test_finding_masks_and_boxes(tmp_path):
 def test_the_class_lives_only_in_the_finding_mask():
     # masking the finding out (its pixels taken from the same image rendered without pathology) leaves the
     # image without pathology, byte for byte: outside its mask a finding adds nothing (no faint tail), so no
-    # class cue is left outside the mask (issue 22; bench/bench_explain_demo.py --masked trains on this: chance)
+    # class cue is left outside the mask (issue 22; bench/bench_explain_demo.py trains on this (data_masked): chance)
     for label in (1, 2):
         for i in range(3):
             params = _patient_params(np.random.default_rng([0, i]), label)
